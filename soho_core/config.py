@@ -1,0 +1,368 @@
+"""Typed configuration: nested dataclasses, named presets, YAML and ``--set`` overrides.
+
+    from soho_core.config import load_config
+    cfg = load_config("tiny", overrides=["optim.lr=3e-4", "train.max_steps=20"])
+
+A preset is a plain function returning a :class:`SohoConfig`. A YAML file given
+instead of a preset name may start with ``preset: NAME`` and then override any
+field with nested mappings. Every key and value is checked before work starts;
+an error names the dotted field (``model.dictionary.size``) and, for an unknown
+key, lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the field."""
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 18  # torchvision ResNet depth: 18, 34, 50 or 101
+    pretrained: bool = False  # torchvision ImageNet weights (needs them cached locally)
+    frozen_stages: int = 1  # stem + this many residual stages get no gradient (release: 1)
+    out_stage: int = 5  # last ResNet stage used: 5 -> stride 32 (release), 4 -> stride 16, 3 -> 8
+    channels_last: bool = False
+
+
+@dataclass
+class VisualConfig:
+    pool: int = 2  # max-pool kernel = stride on the last feature map (release: 2, stride 64 overall)
+
+
+@dataclass
+class DictionaryConfig:
+    enabled: bool = True  # False: no quantiser and no MVM (the "no VD" ablation, fine-tuning)
+    size: int = 2048  # K, number of visual words
+    decay_start: float = 0.4  # EMA decay at the first update ...
+    decay_max: float = 0.99  # ... ramped linearly to this ...
+    decay_ramp_steps: int = 1000  # ... over this many updates
+    laplace_eps: float = 1e-5  # Laplace smoothing of the EMA counts
+    dead_threshold: float = 1e-3  # EMA count under which an entry is re-seeded from current features
+    gate: bool = True  # learned 2-way softmax gate mixing quantised and raw features (release)
+
+
+@dataclass
+class FusionConfig:
+    # A BERT checkpoint (directory or hub name) loaded with from_pretrained, or "" for random init.
+    bert: str = ""
+    # Tokenizer directory or hub name; "synthetic" builds the word-level vocabulary of the
+    # built-in synthetic world (no download needed).
+    tokenizer: str = "synthetic"
+    # Used when ``bert`` is "" (random init). With a checkpoint, its own width/heads win,
+    # and ``num_layers`` keeps the first layers (the release keeps 3 of BERT-base's 12).
+    hidden_size: int = 768
+    num_layers: int = 3
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+    max_text_len: int = 32
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+@dataclass
+class DataConfig:
+    image_min: int = 600  # short side fits this ...
+    image_max: int = 1000  # ... and the long side this (aspect kept); then padded
+    size_divisor: int = 32  # pad height and width up to a multiple of this
+    images_per_batch: int = 4  # per process
+    sentence_group: int = 4  # captions paired with each image in a batch (release: 4)
+    num_workers: int = 2
+    shuffle_buffer: int = 500
+
+
+@dataclass
+class PretrainConfig:
+    mlm_prob: float = 0.15  # fraction of word pieces masked (80% [MASK], 10% random, 10% kept)
+    mvm_image_prob: float = 0.5  # chance an image gets one visual word masked, in training only
+    itm_neg_prob: float = 0.5  # chance a caption is swapped for another image's caption
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "mvm": 1.0, "itm": 1.0})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # AdamW, transformer and heads
+    weight_decay: float = 0.01
+    backbone_optimizer: str = "sgd"  # "sgd" (release, momentum 0.9) or "adamw"
+    backbone_lr: float = 1e-2  # release: 100x the transformer's
+    momentum: float = 0.9
+    warmup_steps: int = 500
+    decay_steps: list[int] = field(default_factory=list)  # step milestones ...
+    decay_gamma: float = 0.1  # ... each multiplies the learning rates by this
+    clip_grad: float = 10.0  # max gradient norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+
+@dataclass
+class SohoConfig:
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "SohoConfig":
+        _validate(self)
+        return self
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def tiny() -> SohoConfig:
+    """Seconds on a CPU: for tests. 64-px images, stride-16 features (a 4x4 grid)."""
+    c = SohoConfig(preset="tiny")
+    c.model.backbone.out_stage = 4
+    c.model.visual.pool = 1
+    c.model.dictionary.size = 64
+    c.model.dictionary.decay_ramp_steps = 50
+    f = c.model.fusion
+    f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size, f.dropout = 64, 2, 2, 128, 0.0
+    f.max_text_len = 24
+    c.data.image_min = c.data.image_max = 64
+    c.data.images_per_batch = 8
+    c.data.num_workers = 0
+    c.data.shuffle_buffer = 100
+    c.optim.lr, c.optim.backbone_lr = 5e-4, 1e-2
+    c.optim.warmup_steps = 10
+    c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
+    return c
+
+
+def demo() -> SohoConfig:
+    """The local main job: minutes on 2 CPU cores. 128-px images, stride-16 (an 8x8 grid)."""
+    c = SohoConfig(preset="demo")
+    c.model.backbone.out_stage = 4
+    c.model.visual.pool = 1
+    c.model.dictionary.size = 256
+    c.model.dictionary.decay_ramp_steps = 200
+    f = c.model.fusion
+    f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size, f.dropout = 256, 2, 4, 1024, 0.1
+    c.data.image_min = c.data.image_max = 128
+    c.data.images_per_batch = 8
+    c.data.num_workers = 1
+    # A lower rate on the transformer than on the CNN keeps it from locking onto text priors.
+    c.optim.lr, c.optim.backbone_lr = 1e-4, 1e-2
+    c.optim.warmup_steps = 50
+    c.train.max_steps, c.train.log_every, c.train.ckpt_every = 600, 20, 200
+    return c
+
+
+def res18() -> SohoConfig:
+    """The reference release: ResNet-18, K=2048, 3 BERT-base layers, images fit to 600x1000."""
+    c = SohoConfig(preset="res18")
+    c.model.backbone.pretrained = True
+    c.model.fusion.bert = "bert-base-uncased"
+    c.model.fusion.tokenizer = "bert-base-uncased"
+    c.model.fusion.num_layers = 3
+    c.optim.warmup_steps = 500
+    c.optim.decay_steps = [100_000, 140_000]
+    c.train.max_steps = 160_000
+    c.train.ckpt_every = 2000
+    c.train.log_every = 50
+    return c
+
+
+def res101() -> SohoConfig:
+    """The paper: ResNet-101 and all 12 BERT-base layers."""
+    c = res18()
+    c.preset = "res101"
+    c.model.backbone.depth = 101
+    c.model.fusion.num_layers = 12
+    return c
+
+
+PRESETS = {"tiny": tiny, "demo": demo, "res18": res18, "res101": res101}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(preset_or_file: str = "tiny", overrides: list[str] | None = None) -> SohoConfig:
+    """Build a config from a preset name or a YAML file, then apply ``a.b=c`` overrides."""
+    if preset_or_file in PRESETS:
+        cfg = PRESETS[preset_or_file]()
+    elif preset_or_file.endswith((".yaml", ".yml")) or Path(preset_or_file).is_file():
+        path = Path(preset_or_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {preset_or_file!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {preset_or_file!r} must hold a mapping")
+        base = data.pop("preset", "tiny")
+        if base not in PRESETS:
+            raise ConfigError(f"{preset_or_file}: preset {base!r} is unknown; valid: {sorted(PRESETS)}")
+        cfg = PRESETS[base]()
+        _merge(cfg, data, prefix="")
+    else:
+        raise ConfigError(f"config {preset_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like a.b=value")
+        set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> SohoConfig:
+    """Rebuild a config saved with ``to_dict`` (for instance inside a checkpoint)."""
+    cfg = SohoConfig()
+    _merge(cfg, dict(data), prefix="")
+    return cfg.validate()
+
+
+def set_value(cfg: SohoConfig, dotted: str, value: Any) -> None:
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        names = [f.name for f in dataclasses.fields(obj)]
+        if name not in names:
+            where = f"in {prefix!r} " if prefix else ""
+            raise ConfigError(f"unknown config key {dotted!r}: no field {name!r} {where}(valid: {', '.join(names)})")
+        if i == len(parts) - 1:
+            hint = typing.get_type_hints(type(obj))[name]
+            setattr(obj, name, _coerce(dotted, value, hint))
+        else:
+            obj = getattr(obj, name)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is a value, not a section")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        names = [f.name for f in dataclasses.fields(obj)]
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (valid here: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} is a section and needs a mapping, got {value!r}")
+            _merge(current, value, prefix=dotted + ".")
+        else:
+            hint = typing.get_type_hints(type(obj))[key]
+            setattr(obj, key, _coerce(dotted, value, hint))
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # yaml reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    elif origin is dict:
+        _, item = typing.get_args(hint)
+        if isinstance(value, dict):
+            return {str(k): _coerce(f"{name}.{k}", v, item) for k, v in value.items()}
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"config key {name!r} needs a {expected}, got {value!r}")
+
+
+def _validate(c: SohoConfig) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r} {why}, got {_get(c, key)!r}")
+
+    m = c.model
+    need(m.backbone.depth in (18, 34, 50, 101, 152), "model.backbone.depth", "must be one of 18, 34, 50, 101, 152")
+    need(0 <= m.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "must be in 0..4")
+    need(m.backbone.out_stage in (3, 4, 5), "model.backbone.out_stage", "must be 3, 4 or 5")
+    need(m.backbone.frozen_stages < m.backbone.out_stage - 1, "model.backbone.frozen_stages",
+         "must leave at least one trainable stage before model.backbone.out_stage")
+    need(m.visual.pool >= 1, "model.visual.pool", "must be >= 1")
+    d = m.dictionary
+    need(d.size >= 2, "model.dictionary.size", "must be >= 2")
+    need(0.0 <= d.decay_start <= d.decay_max < 1.0, "model.dictionary.decay_start",
+         "must satisfy 0 <= decay_start <= decay_max < 1")
+    need(d.decay_ramp_steps >= 1, "model.dictionary.decay_ramp_steps", "must be >= 1")
+    need(d.laplace_eps > 0, "model.dictionary.laplace_eps", "must be > 0")
+    f = m.fusion
+    need(f.hidden_size > 0 and f.hidden_size % f.num_heads == 0, "model.fusion.hidden_size",
+         "must be positive and divisible by model.fusion.num_heads")
+    need(f.num_layers >= 1, "model.fusion.num_layers", "must be >= 1")
+    need(0.0 <= f.dropout < 1.0, "model.fusion.dropout", "must be in [0, 1)")
+    need(f.max_text_len >= 4, "model.fusion.max_text_len", "must be >= 4")
+    need(bool(f.tokenizer), "model.fusion.tokenizer", "must name a tokenizer directory, a hub name or 'synthetic'")
+    dc = c.data
+    need(0 < dc.image_min <= dc.image_max, "data.image_min", "must be positive and <= data.image_max")
+    need(dc.size_divisor >= 1, "data.size_divisor", "must be >= 1")
+    need(dc.images_per_batch >= 1, "data.images_per_batch", "must be >= 1")
+    need(dc.sentence_group >= 1, "data.sentence_group", "must be >= 1")
+    need(dc.num_workers >= 0, "data.num_workers", "must be >= 0")
+    p = c.pretrain
+    for key in ("mlm_prob", "mvm_image_prob", "itm_neg_prob"):
+        need(0.0 <= getattr(p, key) <= 1.0, f"pretrain.{key}", "must be in [0, 1]")
+    unknown = set(p.loss_weights) - {"mlm", "mvm", "itm"}
+    if unknown:
+        raise ConfigError(f"config key 'pretrain.loss_weights' has unknown losses {sorted(unknown)}; valid: itm, mlm, mvm")
+    o = c.optim
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(o.backbone_lr >= 0, "optim.backbone_lr", "must be >= 0")
+    need(o.backbone_optimizer in ("sgd", "adamw"), "optim.backbone_optimizer", "must be 'sgd' or 'adamw'")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(o.decay_steps == sorted(o.decay_steps), "optim.decay_steps", "must be increasing")
+    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+    t = c.train
+    need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.precision in ("auto", "bf16", "fp32"), "train.precision", "must be 'auto', 'bf16' or 'fp32'")
+    need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+def _get(c: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        c = getattr(c, part)
+    return c

@@ -1,0 +1,1 @@
+"""Data: the synthetic world, shards, tokenizer, masking and batching."""

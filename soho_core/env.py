@@ -1,0 +1,32 @@
+"""Every environment variable the package reads, read here and nowhere else.
+
+torchrun and the PyTorchJob operator set RANK, WORLD_SIZE, LOCAL_RANK and
+MASTER_ADDR/PORT; the AWS variables are read by botocore itself (see storage.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuntimeEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    torchelastic_restart: int = 0  # how many times torchrun restarted this worker group
+    wandb_api_key_set: bool = False  # the key itself is never kept
+    pipeline_run_id: str = ""
+
+
+def runtime_env() -> RuntimeEnv:
+    e = os.environ
+    return RuntimeEnv(
+        rank=int(e.get("RANK", "0")),
+        world_size=int(e.get("WORLD_SIZE", "1")),
+        local_rank=int(e.get("LOCAL_RANK", "0")),
+        torchelastic_restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        wandb_api_key_set=bool(e.get("WANDB_API_KEY")),
+        pipeline_run_id=e.get("SOHO_PIPELINE_RUN_ID", ""),
+    )

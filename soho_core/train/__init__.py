@@ -1,0 +1,1 @@
+"""Training: distributed set-up, the engine, checkpoints and tracking."""

@@ -1,0 +1,41 @@
+"""Optimisers and schedule of the release: AdamW for the transformer and heads, SGD with
+momentum and a larger rate for the CNN; linear warm-up, then step decay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from soho_core.config import OptimConfig
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+    backbone = {id(p) for p in model.backbone_parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in backbone:
+            continue
+        # Biases and norm scales are not weight-decayed (standard for BERT).
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    fused = {"fused": True} if torch.cuda.is_available() and next(model.parameters()).is_cuda else {}
+    opts = [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, **fused)]
+    cnn = [p for p in model.backbone_parameters() if p.requires_grad]
+    if cnn and cfg.backbone_lr > 0:
+        if cfg.backbone_optimizer == "sgd":
+            opts.append(torch.optim.SGD(cnn, lr=cfg.backbone_lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay))
+        else:
+            opts.append(torch.optim.AdamW(cnn, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay, **fused))
+    return opts
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of every base learning rate at optimizer step ``step`` (0-based)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    passed = sum(1 for m in cfg.decay_steps if step >= m)
+    return warm * cfg.decay_gamma ** passed
+
+
+def build_schedulers(opts: list[torch.optim.Optimizer], cfg: OptimConfig) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    return [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in opts]

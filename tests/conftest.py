@@ -1,0 +1,59 @@
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A small synthetic world at 64 px (the tiny preset's size)."""
+    from soho_core.data.synthetic import synthesize
+
+    out = tmp_path_factory.mktemp("synthetic")
+    synthesize(str(out), num_images=160, seed=0, image_size=64, min_objects=1, max_objects=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_root(synthetic_dir, tmp_path_factory):
+    from soho_core.data.shards import shard_synthetic
+
+    out = tmp_path_factory.mktemp("shards")
+    shard_synthetic(str(synthetic_dir), str(out), max_count=40)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 HTTP server (moto) on loopback; endpoint and keys only via AWS_* variables."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="soho")
+    import fsspec
+
+    fsspec.config.conf.pop("s3", None)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
