@@ -142,6 +142,14 @@ class SohoConfig:
 # --------------------------------------------------------------------------- presets
 
 
+# A CNN trained from scratch can satisfy MVM by making its visual words uninformative:
+# at MVM weight 1 on the tiny preset, dictionary perplexity fell from 29 to 8 and ITM stayed
+# at chance for 600 steps (masking 15% of images instead of 50% did not help); at 0.1 ITM
+# reached 0.92 by step 300 with the dictionary in use. The res presets start from ImageNet
+# weights, as the release does, and keep weight 1.
+_SCRATCH_MVM_WEIGHT = 0.1
+
+
 def tiny() -> SohoConfig:
     """Seconds on a CPU: for tests. 64-px images, stride-16 features (a 4x4 grid)."""
     c = SohoConfig(preset="tiny")
@@ -156,6 +164,7 @@ def tiny() -> SohoConfig:
     c.data.images_per_batch = 8
     c.data.num_workers = 0
     c.data.shuffle_buffer = 100
+    c.pretrain.loss_weights["mvm"] = _SCRATCH_MVM_WEIGHT
     c.optim.lr, c.optim.backbone_lr = 5e-4, 1e-2
     c.optim.warmup_steps = 10
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
@@ -172,6 +181,7 @@ def demo() -> SohoConfig:
     f = c.model.fusion
     f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size, f.dropout = 256, 2, 4, 1024, 0.1
     c.data.image_min = c.data.image_max = 128
+    c.pretrain.loss_weights["mvm"] = _SCRATCH_MVM_WEIGHT
     c.data.images_per_batch = 8
     c.data.num_workers = 1
     # A lower rate on the transformer than on the CNN keeps it from locking onto text priors.

@@ -61,14 +61,14 @@ def _dictionary(model: nn.Module) -> VisualDictionary | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+    # Plain integer lists: they travel through all_gather_object and load with weights_only=True.
+    return {"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist(),
             "python": list(random.getstate()[1])}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    mt = np.random.get_state()
-    np.random.set_state((mt[0], state["numpy"].numpy(), 624, 0, 0.0))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
 
 

@@ -1,0 +1,97 @@
+"""The CNN trunk: a torchvision ResNet cut after a chosen stage.
+
+Stage numbering follows the ResNet paper: stage 1 is the stem (conv1, bn1, relu,
+maxpool; stride 4), stages 2..5 are ``layer1``..``layer4`` (strides 4, 8, 16, 32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torchvision
+from torch import nn
+
+from soho_core.config import BackboneConfig
+
+_BUILDERS = {
+    18: ("resnet18", "ResNet18_Weights"),
+    34: ("resnet34", "ResNet34_Weights"),
+    50: ("resnet50", "ResNet50_Weights"),
+    101: ("resnet101", "ResNet101_Weights"),
+    152: ("resnet152", "ResNet152_Weights"),
+}
+_STRIDES = {3: 8, 4: 16, 5: 32}
+
+
+def _cached_imagenet_state(depth: int) -> dict[str, torch.Tensor]:
+    """ImageNet weights of a torchvision ResNet, read from the local torch hub cache only.
+
+    Reading the cached file ourselves (instead of ``weights.get_state_dict``) guarantees that a
+    missing file is an error here rather than a silent download attempt on a cluster node.
+    """
+    weights = getattr(torchvision.models, _BUILDERS[depth][1]).IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(path):
+        raise RuntimeError(
+            f"model.backbone.pretrained=true needs the torchvision ImageNet weights of ResNet-{depth} "
+            f"in the local torch cache, but {path} does not exist. Put {weights.url} there "
+            f"(or point TORCH_HOME at a cache that has it), or set model.backbone.pretrained=false "
+            f"to start from random weights."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Backbone(nn.Module):
+    """ResNet trunk up to ``cfg.out_stage``.
+
+    Input: normalised images (B, 3, H, W). Output: features (B, out_channels, ceil(H/stride),
+    ceil(W/stride)). Attributes ``stride`` and ``out_channels`` describe that output.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        if cfg.depth not in _BUILDERS:
+            raise ValueError(f"model.backbone.depth must be one of {sorted(_BUILDERS)}, got {cfg.depth}")
+        if cfg.out_stage not in _STRIDES:
+            raise ValueError(f"model.backbone.out_stage must be 3, 4 or 5, got {cfg.out_stage}")
+        net = getattr(torchvision.models, _BUILDERS[cfg.depth][0])(weights=None)
+        if cfg.pretrained:
+            net.load_state_dict(_cached_imagenet_state(cfg.depth))
+
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        layers = [net.layer1, net.layer2, net.layer3, net.layer4][: cfg.out_stage - 1]
+        self.stages = nn.ModuleList(layers)
+        self.stride = _STRIDES[cfg.out_stage]
+        self.out_channels = 64 * (2 ** (cfg.out_stage - 2)) * (4 if cfg.depth >= 50 else 1)
+        self.frozen_stages = cfg.frozen_stages
+        self.channels_last = cfg.channels_last
+
+        for module in self._frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        # The stem always goes with the frozen stages (mmdet's convention, as in the release).
+        return [self.stem, *self.stages[: self.frozen_stages]]
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        # Frozen stages keep their ImageNet running statistics: updating BN statistics of layers
+        # whose affine parameters cannot adapt would shift every feature they produce.
+        for module in self._frozen_modules():
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> features (B, out_channels, H/stride, W/stride)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        x = self.stem(images)
+        for stage in self.stages:
+            x = stage(x)
+        return x

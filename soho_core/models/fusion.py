@@ -1,0 +1,97 @@
+"""The single-stream fusion encoder: one BERT over [text tokens ; visual tokens]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from soho_core.config import FusionConfig
+
+# Token type ids: 0 = text (BERT's sentence A), 1 = visual token (BERT's sentence B row,
+# which a pre-trained checkpoint already has, so no new embedding row is needed).
+TEXT_TYPE, VISUAL_TYPE = 0, 1
+
+
+def build_bert(cfg: FusionConfig, vocab_size: int) -> BertModel:
+    """A BertModel without pooler: from ``cfg.bert`` (first ``num_layers`` layers) or random."""
+    if cfg.bert:
+        # The checkpoint's width, heads and vocabulary win; layers past num_layers are dropped
+        # (transformers lists them as UNEXPECTED in its load report).
+        bert = BertModel.from_pretrained(
+            cfg.bert,
+            add_pooling_layer=False,
+            attn_implementation="sdpa",
+            num_hidden_layers=cfg.num_layers,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+        )
+        # Train in fp32 whatever the checkpoint is stored in (autocast handles lower precision).
+        bert = bert.float()
+        c = bert.config
+        if c.num_hidden_layers != cfg.num_layers or len(bert.encoder.layer) != cfg.num_layers:
+            raise ValueError(f"model.fusion.num_layers={cfg.num_layers} but {cfg.bert!r} gave "
+                             f"{len(bert.encoder.layer)} layers")
+        if vocab_size > c.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} ids but the checkpoint {cfg.bert!r} embeds only "
+                             f"{c.vocab_size}: model.fusion.tokenizer must match model.fusion.bert")
+        if c.max_position_embeddings < cfg.max_text_len:
+            raise ValueError(f"model.fusion.max_text_len={cfg.max_text_len} exceeds the "
+                             f"{c.max_position_embeddings} positions of {cfg.bert!r}")
+        if c.type_vocab_size < 2:
+            raise ValueError(f"{cfg.bert!r} has {c.type_vocab_size} token types; visual tokens need type 1")
+        return bert
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_text_len,
+        type_vocab_size=2,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False)
+
+
+class FusionEncoder(nn.Module):
+    """BERT embeddings for text, then BERT layers over the joint sequence.
+
+    ``hidden_size`` is the width of the whole model: the visual path projects to it.
+    """
+
+    def __init__(self, cfg: FusionConfig, vocab_size: int):
+        super().__init__()
+        self.bert = build_bert(cfg, vocab_size)
+        self.bert.config._attn_implementation = "sdpa"
+        self.hidden_size: int = self.bert.config.hidden_size
+        self.num_layers: int = len(self.bert.encoder.layer)
+        self.vocab_size: int = self.bert.config.vocab_size
+
+    @property
+    def word_embedding_weight(self) -> nn.Parameter:
+        """(vocab, d): the weight the MLM decoder is tied to."""
+        return self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                visual_tokens: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
+        """Encode [text ; visual] as one sequence.
+
+        input_ids (T, L) long, attention_mask (T, L) (1 / True = real token), visual_tokens
+        (T, N, d) already position-encoded and normalised, visual_mask (T, N) bool (True = valid).
+        Returns hidden states (T, L + N, d): text positions first, then visual positions.
+        """
+        emb = self.bert.embeddings
+        text = emb(input_ids=input_ids)  # word + position + token type 0, LayerNorm, dropout
+        # Visual tokens already carry their own 2-D position and LayerNorm; the type-1 embedding
+        # tells the text stream apart from them (BERT's positions are text-only).
+        visual = emb.dropout(visual_tokens.to(text.dtype) + emb.token_type_embeddings.weight[VISUAL_TYPE])
+        x = torch.cat([text, visual], 1)
+        joint = torch.cat([attention_mask.bool(), visual_mask.bool()], 1)
+        # An additive (T, 1, 1, L + N) key mask: padding of either part is never attended to.
+        # Built here rather than through transformers' mask helpers, whose API moves between
+        # releases; an additive mask means the same to the SDPA and the eager attention.
+        bias = (~joint)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        return self.bert.encoder(x, attention_mask=bias).last_hidden_state

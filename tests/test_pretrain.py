@@ -1,0 +1,91 @@
+"""Pre-training end to end: the CLI, checkpoints and resume, real torchrun processes,
+and a tiny run that must actually learn."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from soho_core.cli import main
+from soho_core.config import load_config
+from soho_core.data.tokenizer import build_tokenizer
+from soho_core.train.checkpoint import latest_checkpoint, load_checkpoint
+from soho_core.train.engine import pretrain
+from soho_core.train.tracking import read_metrics
+
+REQUIRED = {"step", "loss_mlm", "loss_mvm", "loss_itm", "acc_itm", "vd_usage", "vd_perplexity"}
+
+
+def test_cli_pretrain_writes_metrics_and_checkpoint_then_resumes(shard_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "tiny", "--data", str(shard_root), "--out", str(out),
+            "--set", "train.log_every=2", "--set", "train.ckpt_every=2", "--set", "data.images_per_batch=4"]
+    assert main(args + ["--max-steps", "4"]) == 0
+    rows = read_metrics(str(out))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert REQUIRED <= set(rows[0])
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["step"] == 4 and ckpt["config"]["preset"] == "tiny"
+    assert any("dictionary" in k for k in ckpt["model"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest.json", "step-00000002.pt", "step-00000004.pt"]
+
+    assert main(args + ["--max-steps", "6"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(str(out))] == [2, 4, 6]
+    assert load_checkpoint(str(out))["step"] == 6
+    # keep_checkpoints=2: the oldest is pruned
+    assert not (out / "checkpoints" / "step-00000002.pt").exists()
+
+
+def test_cli_bad_input_is_a_clear_error_before_work(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["pretrain", "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert f"{missing}/pretrain/index.json" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(missing), "--out", str(tmp_path / "o"), "--set", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_keep_bit_identical_dictionaries(shard_root, tmp_path):
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).parent / "scripts" / "dist_pretrain.py"), str(shard_root), str(out), "6"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(out / "dictionary-rank0.pt", weights_only=True)
+    r1 = torch.load(out / "dictionary-rank1.pt", weights_only=True)
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    # the dictionary really moved away from its (identical) initial state
+    init = load_config("tiny")
+    torch.manual_seed(init.train.seed)
+    from soho_core.models import SohoModel
+
+    fresh = {k: v for k, v in SohoModel(init.model, len(build_tokenizer("synthetic"))).state_dict().items()
+             if "dictionary" in k}
+    emb = next(k for k in r0 if k.endswith("embedding"))
+    assert not torch.equal(fresh[emb], r0[emb])
+    assert [r["step"] for r in read_metrics(str(out))] == [2, 4, 6]  # rank 0 alone logs
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_learns(shard_root, tmp_path):
+    cfg = load_config("tiny", ["train.max_steps=320", "train.log_every=40"])
+    pretrain(cfg, str(shard_root), str(tmp_path / "learn"))
+    rows = read_metrics(str(tmp_path / "learn"))
+    first, last = rows[0], rows[-1]
+    print(json.dumps(rows, indent=0))
+    assert last["acc_itm"] > 0.75, last  # chance is 0.5
+    chance_mlm = math.log(len(build_tokenizer("synthetic")))
+    assert last["loss_mlm"] < min(first["loss_mlm"], 0.65 * chance_mlm), (first, last)
+    assert last["loss_mvm"] < first["loss_mvm"], (first, last)
+    assert last["vd_usage"] > 0.3 and last["vd_perplexity"] > 10, last  # no collapse onto a few words
