@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         from soho_core.train.engine import pretrain
 
         result = pretrain(cfg, args.data, args.out)
-        if result.model is not None and _is_main():
+        if _is_main():
             print(json.dumps({"out": args.out, "final": result.last_metrics}))
         return 0
     raise AssertionError(args)

@@ -142,51 +142,44 @@ class SohoConfig:
 # --------------------------------------------------------------------------- presets
 
 
-# A CNN trained from scratch can satisfy MVM by making its visual words uninformative:
-# at MVM weight 1 on the tiny preset, dictionary perplexity fell from 29 to 8 and ITM stayed
-# at chance for 600 steps (masking 15% of images instead of 50% did not help); at 0.1 ITM
-# reached 0.92 by step 300 with the dictionary in use. The res presets start from ImageNet
-# weights, as the release does, and keep weight 1.
-_SCRATCH_MVM_WEIGHT = 0.1
+def _from_scratch(preset: str, image: int, width: int, heads: int, dict_size: int) -> SohoConfig:
+    """Small presets for a CPU: random-init CNN and BERT, the synthetic vocabulary, and
+    stride-16 features (ResNet to stage 4, no pooling) so a scene is several tokens wide."""
+    c = SohoConfig(preset=preset)
+    c.model.backbone.out_stage = 4
+    c.model.visual.pool = 1
+    c.model.dictionary.size = dict_size
+    f = c.model.fusion
+    f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size = width, 2, heads, 4 * width
+    c.data.image_min = c.data.image_max = image
+    c.data.images_per_batch = 8
+    # A CNN trained from scratch can satisfy MVM by making its visual words uninformative:
+    # at MVM weight 1 on the tiny preset, dictionary perplexity fell from 29 to 8 and ITM
+    # stayed at chance for 600 steps (masking 15% of images instead of 50% did not help); at
+    # 0.1 ITM reached 0.92 by step 300 with the dictionary in use. The res presets start
+    # from ImageNet weights, as the release does, and keep weight 1.
+    c.pretrain.loss_weights["mvm"] = 0.1
+    return c
 
 
 def tiny() -> SohoConfig:
-    """Seconds on a CPU: for tests. 64-px images, stride-16 features (a 4x4 grid)."""
-    c = SohoConfig(preset="tiny")
-    c.model.backbone.out_stage = 4
-    c.model.visual.pool = 1
-    c.model.dictionary.size = 64
+    """Seconds on a CPU: for tests. 64-px images (a 4x4 grid), width 64, K=64."""
+    c = _from_scratch("tiny", image=64, width=64, heads=2, dict_size=64)
     c.model.dictionary.decay_ramp_steps = 50
-    f = c.model.fusion
-    f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size, f.dropout = 64, 2, 2, 128, 0.0
-    f.max_text_len = 24
-    c.data.image_min = c.data.image_max = 64
-    c.data.images_per_batch = 8
-    c.data.num_workers = 0
-    c.data.shuffle_buffer = 100
-    c.pretrain.loss_weights["mvm"] = _SCRATCH_MVM_WEIGHT
-    c.optim.lr, c.optim.backbone_lr = 5e-4, 1e-2
-    c.optim.warmup_steps = 10
+    c.model.fusion.intermediate_size, c.model.fusion.dropout, c.model.fusion.max_text_len = 128, 0.0, 24
+    c.data.num_workers, c.data.shuffle_buffer = 0, 100
+    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 5e-4, 1e-2, 10
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
     return c
 
 
 def demo() -> SohoConfig:
-    """The local main job: minutes on 2 CPU cores. 128-px images, stride-16 (an 8x8 grid)."""
-    c = SohoConfig(preset="demo")
-    c.model.backbone.out_stage = 4
-    c.model.visual.pool = 1
-    c.model.dictionary.size = 256
+    """The local main job: minutes on 2 CPU cores. 128-px images (an 8x8 grid), width 256, K=256."""
+    c = _from_scratch("demo", image=128, width=256, heads=4, dict_size=256)
     c.model.dictionary.decay_ramp_steps = 200
-    f = c.model.fusion
-    f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size, f.dropout = 256, 2, 4, 1024, 0.1
-    c.data.image_min = c.data.image_max = 128
-    c.pretrain.loss_weights["mvm"] = _SCRATCH_MVM_WEIGHT
-    c.data.images_per_batch = 8
     c.data.num_workers = 1
     # A lower rate on the transformer than on the CNN keeps it from locking onto text priors.
-    c.optim.lr, c.optim.backbone_lr = 1e-4, 1e-2
-    c.optim.warmup_steps = 50
+    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 1e-4, 1e-2, 50
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 600, 20, 200
     return c
 

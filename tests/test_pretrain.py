@@ -89,3 +89,20 @@ def test_tiny_pretraining_learns(shard_root, tmp_path):
     assert last["loss_mlm"] < min(first["loss_mlm"], 0.65 * chance_mlm), (first, last)
     assert last["loss_mvm"] < first["loss_mvm"], (first, last)
     assert last["vd_usage"] > 0.3 and last["vd_perplexity"] > 10, last  # no collapse onto a few words
+
+
+def test_cli_data_synth_and_shard(tmp_path, capsys):
+    syn, shards = tmp_path / "syn", tmp_path / "shards"
+    assert main(["data", "synth", "--out", str(syn), "--num-images", "20", "--seed", "3", "--image-size", "64"]) == 0
+    assert main(["data", "shard", "--source", "synthetic", "--input", str(syn), "--out", str(shards),
+                 "--shard-max-count", "8"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert sum(printed[-1]["num_samples"].values()) == 20
+    assert (shards / "pretrain" / "index.json").exists()
+    assert main(["data", "synth", "--out", str(syn), "--num-images", "0"]) == 2
+    assert "num_images" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "soho_core", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "pretrain" in proc.stdout and "data" in proc.stdout

@@ -26,7 +26,7 @@ from soho_core.config import SohoConfig
 from soho_core.data.pretrain_data import pretrain_loader
 from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
-from soho_core.models import SohoModel, VisualDictionary
+from soho_core.models import SohoModel
 from soho_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from soho_core.train.distributed import all_reduce_sum, barrier, init_distributed
 from soho_core.train.optim import build_optimizers, build_schedulers
@@ -54,10 +54,6 @@ class _Objective(nn.Module):
 
     def forward(self, **kw: Any):
         return self.model.pretrain_forward(**kw)
-
-
-def _dictionary(model: nn.Module) -> VisualDictionary | None:
-    return next((m for m in model.modules() if isinstance(m, VisualDictionary)), None)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,7 +115,6 @@ def pretrain(cfg: SohoConfig, data_uri: str, out_uri: str, split: str = "train")
     loader = pretrain_loader(data_uri, split, cfg, tokenizer, seed=tc.seed * 7919 + start, train=True)
     batches = iter(loader)
     metrics = MetricsLog(out_uri, enabled=info.is_main)
-    vd = _dictionary(model)
     params = [p for p in model.parameters() if p.requires_grad]
     window = torch.zeros(len(_STATS), device=device)
     texts = skipped = 0
@@ -152,7 +147,7 @@ def pretrain(cfg: SohoConfig, data_uri: str, out_uri: str, split: str = "train")
         steps_in_window += 1
         done = step + 1 == tc.max_steps
         if (step + 1) % tc.log_every == 0 or done:
-            # The only host sync of the loop: once per logging window.
+            # Statistics leave the device once per logging window, not every step.
             counts = torch.tensor([steps_in_window, texts, skipped], device=device, dtype=torch.float64)
             all_reduce_sum(window)
             all_reduce_sum(counts)
@@ -164,8 +159,7 @@ def pretrain(cfg: SohoConfig, data_uri: str, out_uri: str, split: str = "train")
                 last[name] = value / n_steps
             last["acc_mvm"] = w[6] / w[7] if w[7] > 0 else None
             last["mvm_positions"] = w[7] / n_steps
-            if vd is not None:
-                last.update(vd.usage_stats())
+            last.update(model.dictionary_stats())
             last["lr"] = schedulers[0].get_last_lr()[0]
             if len(schedulers) > 1:
                 last["lr_backbone"] = schedulers[1].get_last_lr()[0]
