@@ -84,9 +84,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.max_steps is not None:
             overrides.append(f"train.max_steps={args.max_steps}")
         cfg = load_config(args.config, overrides)
-        from soho_core.train.engine import pretrain
+        from soho_core.tasks.catalog import get_task
+        from soho_core.train.engine import train
 
-        result = pretrain(cfg, args.data, args.out)
+        result = train(get_task("pretrain"), cfg, args.data, args.out)
         if _is_main():
             print(json.dumps({"out": args.out, "final": result.last_metrics}))
         return 0

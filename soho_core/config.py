@@ -99,6 +99,17 @@ class PretrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    max_steps: int = 5000  # optimizer steps of one fine-tuning run (train.max_steps is pre-training's)
+    keep_dictionary: bool = False  # the release drops the quantiser when fine-tuning
+    head_lr_mult: float = 10.0  # new task heads start from scratch: their rate is optim.lr x this
+    answer_vocab_size: int = 3129  # VQA: the most frequent answers of the training split
+    itc_temperature: float = 0.07  # retrieval: softmax temperature of the pooled-feature similarity
+    shortlist_k: int = 16  # retrieval two-stage mode: candidates kept by the cheap similarity
+    eval_max_images: int = 0  # retrieval evaluation: use the first N images of the split (0 = all)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4  # AdamW, transformer and heads
     weight_decay: float = 0.01
@@ -128,6 +139,7 @@ class SohoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -170,6 +182,7 @@ def tiny() -> SohoConfig:
     c.data.num_workers, c.data.shuffle_buffer = 0, 100
     c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 5e-4, 1e-2, 10
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
+    c.finetune.max_steps = 60
     return c
 
 
@@ -181,6 +194,7 @@ def demo() -> SohoConfig:
     # A lower rate on the transformer than on the CNN keeps it from locking onto text priors.
     c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 1e-4, 1e-2, 50
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 600, 20, 200
+    c.finetune.max_steps = 300
     return c
 
 
@@ -349,6 +363,13 @@ def _validate(c: SohoConfig) -> None:
     unknown = set(p.loss_weights) - {"mlm", "mvm", "itm"}
     if unknown:
         raise ConfigError(f"config key 'pretrain.loss_weights' has unknown losses {sorted(unknown)}; valid: itm, mlm, mvm")
+    ft = c.finetune
+    need(ft.max_steps >= 1, "finetune.max_steps", "must be >= 1")
+    need(ft.head_lr_mult > 0, "finetune.head_lr_mult", "must be > 0")
+    need(ft.answer_vocab_size >= 2, "finetune.answer_vocab_size", "must be >= 2")
+    need(ft.itc_temperature > 0, "finetune.itc_temperature", "must be > 0")
+    need(ft.shortlist_k >= 1, "finetune.shortlist_k", "must be >= 1")
+    need(ft.eval_max_images >= 0, "finetune.eval_max_images", "must be >= 0")
     o = c.optim
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(o.backbone_lr >= 0, "optim.backbone_lr", "must be >= 0")

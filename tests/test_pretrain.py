@@ -15,7 +15,8 @@ from soho_core.cli import main
 from soho_core.config import load_config
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.train.checkpoint import latest_checkpoint, load_checkpoint
-from soho_core.train.engine import pretrain
+from soho_core.tasks.catalog import get_task
+from soho_core.train.engine import train
 from soho_core.train.tracking import read_metrics
 
 REQUIRED = {"step", "loss_mlm", "loss_mvm", "loss_itm", "acc_itm", "vd_usage", "vd_perplexity"}
@@ -80,7 +81,7 @@ def test_two_torchrun_processes_keep_bit_identical_dictionaries(shard_root, tmp_
 @pytest.mark.slow
 def test_tiny_pretraining_learns(shard_root, tmp_path):
     cfg = load_config("tiny", ["train.max_steps=320", "train.log_every=40"])
-    pretrain(cfg, str(shard_root), str(tmp_path / "learn"))
+    train(get_task("pretrain"), cfg, str(shard_root), str(tmp_path / "learn"))
     rows = read_metrics(str(tmp_path / "learn"))
     first, last = rows[0], rows[-1]
     print(json.dumps(rows, indent=0))

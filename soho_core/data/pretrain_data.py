@@ -1,30 +1,22 @@
-"""Pre-training batches streamed from shards: images grouped with several of their captions.
+"""Pre-training batches: images grouped with several of their captions.
 
 Each shard sample is one image with all its captions. A batch holds B images and,
 for each, ``sentence_group`` texts (T = B x group), so the CNN runs once per image.
 About ``itm_neg_prob`` of the texts are swapped for a caption of another image in
 the batch (ITM negatives); MLM targets are drawn on the matched texts only.
-A sample that cannot be read or decoded is skipped and counted in ``skipped``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import random
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import webdataset as wds
 
-from soho_core import storage
 from soho_core.config import SohoConfig
+from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.masking import mask_tokens
-from soho_core.data.shards import load_index, shard_urls
-from soho_core.data.transforms import decode_image, pad_batch
-
-log = logging.getLogger(__name__)
+from soho_core.data.transforms import pad_batch
 
 
 @dataclass
@@ -48,45 +40,31 @@ class PretrainBatch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped"}
 
+    @property
+    def num_texts(self) -> int:
+        return self.input_ids.shape[0]
 
-class _SkipCounter:
-    """Per-worker count of dropped samples; read and reset by each batch."""
 
-    def __init__(self) -> None:
-        self.n = 0
-
-    def take(self) -> int:
-        n, self.n = self.n, 0
-        return n
+def sample_group(items: list[Any], group: int, rng) -> list[Any]:
+    """``group`` items without replacement, or with replacement when there are fewer."""
+    return rng.sample(items, group) if len(items) >= group else [rng.choice(items) for _ in range(group)]
 
 
 class PretrainCollator:
-    def __init__(self, tokenizer, cfg: SohoConfig, seed: int, train: bool, counter: _SkipCounter):
-        self.tok, self.cfg, self.seed, self.train, self.counter = tokenizer, cfg, seed, train, counter
-        self.rng: random.Random | None = None
-        self.gen: torch.Generator | None = None
+    def __init__(self, tokenizer, cfg: SohoConfig, seed: int):
+        self.tok, self.cfg, self.random = tokenizer, cfg, WorkerRandom(seed)
 
-    def _seed_once(self) -> None:
-        # Seeded lazily so each dataloader worker of each rank draws its own stream.
-        if self.rng is None:
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            s = self.seed * 1_000_003 + rank * 1000 + worker
-            self.rng = random.Random(s)
-            self.gen = torch.Generator().manual_seed(s)
-
-    def __call__(self, samples: list[dict[str, Any]]) -> PretrainBatch:
-        self._seed_once()
-        rng, group = self.rng, self.cfg.data.sentence_group
-        images, image_sizes = pad_batch([s["image"] for s in samples], self.cfg.data.size_divisor)
+    def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> PretrainBatch:
+        rng, group = self.random.rng, self.cfg.data.sentence_group
+        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor)
         texts, image_index, itm = [], [], []
         for i, s in enumerate(samples):
-            caps = s["captions"]
-            chosen = rng.sample(caps, group) if len(caps) >= group else [rng.choice(caps) for _ in range(group)]
-            for text in chosen:
+            caps = s["record"]["captions"]
+            for text in sample_group(caps, group, rng):
                 label = 1
                 if len(samples) > 1 and rng.random() < self.cfg.pretrain.itm_neg_prob:
-                    other = samples[rng.choice([j for j in range(len(samples)) if j != i])]["captions"]
-                    candidate = rng.choice(other)
+                    other = samples[rng.choice([j for j in range(len(samples)) if j != i])]
+                    candidate = rng.choice(other["record"]["captions"])
                     if candidate not in caps:  # another scene may share an identical caption
                         text, label = candidate, 0
                 texts.append(text)
@@ -99,57 +77,19 @@ class PretrainCollator:
         itm_labels = torch.tensor(itm, dtype=torch.long)
         ids, mlm_labels = mask_tokens(
             ids, special, itm_labels == 1, self.cfg.pretrain.mlm_prob, self.tok.mask_token_id,
-            first_word_id=max(self.tok.all_special_ids) + 1, vocab_size=len(self.tok), generator=self.gen)
+            first_word_id=max(self.tok.all_special_ids) + 1, vocab_size=len(self.tok), generator=self.random.gen)
         return PretrainBatch(images, image_sizes, ids, enc["attention_mask"], mlm_labels,
-                             torch.tensor(image_index, dtype=torch.long), itm_labels,
-                             skipped=self.counter.take())
+                             torch.tensor(image_index, dtype=torch.long), itm_labels, skipped=counter.take())
 
 
-def _decode_samples(cfg: SohoConfig, counter: _SkipCounter):
-    def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in src:
-            try:
-                record = json.loads(sample["json"])
-                captions = [c for c in record["captions"] if isinstance(c, str) and c.strip()]
-                if not captions:
-                    raise ValueError("no captions")
-                image = decode_image(sample["png"], cfg.data.image_min, cfg.data.image_max)
-            except Exception as err:  # a corrupt sample must not stop a long job
-                counter.n += 1
-                log.warning("skipping sample %s: %s", sample.get("__key__"), err)
-                continue
-            yield {"key": sample["__key__"], "image": image, "captions": captions}
-    return stage
+def _check_captions(sample: dict[str, Any]) -> None:
+    caps = [c for c in sample["record"].get("captions", []) if isinstance(c, str) and c.strip()]
+    if not caps:
+        raise ValueError("no captions")
+    sample["record"]["captions"] = caps
 
 
-def pretrain_loader(data_uri: str, split: str, cfg: SohoConfig, tokenizer, seed: int,
-                    train: bool = True) -> wds.WebLoader:
-    """An iterable of :class:`PretrainBatch`. Training resamples shards forever (each rank and
-    worker with its own seed); evaluation reads every shard once, split by node and worker."""
-    task_uri, index = load_index(data_uri, "pretrain")
-    urls = shard_urls(task_uri, index, split)
-    storage.register_webdataset_openers()
-    counter = _SkipCounter()
-
-    def count_and_continue(err: Exception) -> bool:
-        counter.n += 1
-        log.warning("skipping unreadable shard data: %s", err)
-        return True
-
-    if train:
-        source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages = source + [wds.tarfile_to_samples(handler=count_and_continue)]
-    if train:
-        stages.append(wds.shuffle(cfg.data.shuffle_buffer, initial=cfg.data.shuffle_buffer // 2,
-                                  rng=random.Random(seed)))
-    stages += [
-        _decode_samples(cfg, counter),
-        wds.batched(cfg.data.images_per_batch, partial=not train,
-                    collation_fn=PretrainCollator(tokenizer, cfg, seed, train, counter)),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    workers = cfg.data.num_workers if train else min(cfg.data.num_workers, len(urls))
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                         persistent_workers=workers > 0)
+def pretrain_loader(data_uri: str, split: str, cfg: SohoConfig, tokenizer, seed: int, train: bool = True):
+    """An iterable of :class:`PretrainBatch` from the ``pretrain`` shards under ``data_uri``."""
+    return stream(data_uri, "pretrain", split, cfg, seed, train, PretrainCollator(tokenizer, cfg, seed),
+                  check=_check_captions)

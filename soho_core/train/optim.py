@@ -9,17 +9,21 @@ from torch import nn
 from soho_core.config import OptimConfig
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1.0) -> list[torch.optim.Optimizer]:
+    """[AdamW for the transformer and heads, SGD (or AdamW) for the CNN]. Heads that start from
+    scratch in fine-tuning (``model.head_parameters()``) get ``head_lr_mult`` x the rate."""
     backbone = {id(p) for p in model.backbone_parameters()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    heads = {id(p) for p in model.head_parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
         if not p.requires_grad or id(p) in backbone:
             continue
         # Biases and norm scales are not weight-decayed (standard for BERT).
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    fused = {"fused": True} if torch.cuda.is_available() and next(model.parameters()).is_cuda else {}
-    opts = [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, **fused)]
+        groups.setdefault((id(p) in heads, p.ndim > 1), []).append(p)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    opts = [torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0,
+                                "lr": cfg.lr * (head_lr_mult if head else 1.0)}
+                               for (head, decayed), ps in sorted(groups.items())], lr=cfg.lr, **fused)]
     cnn = [p for p in model.backbone_parameters() if p.requires_grad]
     if cnn and cfg.backbone_lr > 0:
         if cfg.backbone_optimizer == "sgd":

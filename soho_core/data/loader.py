@@ -1,0 +1,110 @@
+"""Streaming shards into batches, shared by pre-training and every task.
+
+Training resamples shards forever, each rank and dataloader worker with its own seed;
+evaluation reads every shard exactly once, split by node and by worker. A sample that
+cannot be read or decoded is skipped and counted: each batch carries the number of
+samples its worker dropped since its previous batch, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+
+from soho_core import storage
+from soho_core.config import SohoConfig
+from soho_core.data.shards import load_index, shard_urls
+from soho_core.data.transforms import decode_image
+
+log = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Per-worker count of dropped samples; read and reset by each batch."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+class WorkerRandom:
+    """Random streams seeded lazily, so each dataloader worker of each rank draws its own."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._rng: random.Random | None = None
+        self._gen: torch.Generator | None = None
+
+    def _init(self) -> None:
+        if self._rng is None:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            s = self.seed * 1_000_003 + rank * 1000 + worker
+            self._rng, self._gen = random.Random(s), torch.Generator().manual_seed(s)
+
+    @property
+    def rng(self) -> random.Random:
+        self._init()
+        return self._rng
+
+    @property
+    def gen(self) -> torch.Generator:
+        self._init()
+        return self._gen
+
+
+def decode_sample(sample: dict[str, Any], cfg: SohoConfig, image_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Raw tar sample -> {"key", "record" (the json), "images": [uint8 (3, h, w), ...]}."""
+    return {"key": sample["__key__"], "record": json.loads(sample["json"]),
+            "images": [decode_image(sample[k], cfg.data.image_min, cfg.data.image_max) for k in image_keys]}
+
+
+def stream(data_uri: str, task: str, split: str, cfg: SohoConfig, seed: int, train: bool,
+           collate: Callable[[list[dict[str, Any]], SkipCounter], Any],
+           image_keys: tuple[str, ...] = ("png",),
+           check: Callable[[dict[str, Any]], None] | None = None,
+           batch_size: int | None = None) -> wds.WebLoader:
+    """Batches of ``task`` shards. ``check`` may raise on a decoded sample to have it skipped."""
+    task_uri, index = load_index(data_uri, task)
+    urls = shard_urls(task_uri, index, split)
+    storage.register_webdataset_openers()
+    counter = SkipCounter()
+
+    def count_and_continue(err: Exception) -> bool:
+        counter.n += 1
+        log.warning("skipping unreadable shard data: %s", err)
+        return True
+
+    def decode(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            try:
+                out = decode_sample(sample, cfg, image_keys)
+                if check is not None:
+                    check(out)
+            except Exception as err:  # a corrupt sample must not stop a long job
+                counter.n += 1
+                log.warning("skipping sample %s: %s", sample.get("__key__"), err)
+                continue
+            yield out
+
+    if train:
+        stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=count_and_continue))
+    if train:
+        stages.append(wds.shuffle(cfg.data.shuffle_buffer, initial=cfg.data.shuffle_buffer // 2,
+                                  rng=random.Random(seed)))
+    stages += [decode, wds.batched(batch_size or cfg.data.images_per_batch, partial=not train,
+                                   collation_fn=functools.partial(collate, counter=counter))]
+    workers = cfg.data.num_workers if train else min(cfg.data.num_workers, len(urls))
+    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
+                         persistent_workers=workers > 0)

@@ -1,0 +1,88 @@
+"""What a task is to the engine: a model whose forward turns a batch into a loss, a loader,
+and an evaluation that turns predictions into metrics.
+
+Every task model holds the shared SOHO trunk as ``self.trunk`` (backbone, visual embedding,
+optional dictionary, fusion BERT); checkpoints store the whole task model, so fine-tuning
+initialises any task's trunk from the ``trunk.*`` weights of a pre-training checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from soho_core.config import SohoConfig
+from soho_core.models import SohoModel
+
+
+@dataclass
+class StepOutput:
+    """loss: 0-dim with graph. stats: name -> (sum, count), detached 0-dim tensors; the engine
+    reports sum(sums) / sum(counts) over a logging window and across ranks."""
+
+    loss: torch.Tensor
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def mean_stat(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-step value averaged over steps."""
+    return value.detach().float(), torch.ones((), device=value.device)
+
+
+@dataclass
+class EvalResult:
+    num_examples: int
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)  # a few predictions, for reports
+
+
+class TaskModel(nn.Module):
+    """A trunk plus one small head. Subclasses implement ``forward(**batch.model_inputs())``."""
+
+    trunk: SohoModel
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return self.trunk.backbone_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters that start from scratch when fine-tuning (they get a larger rate)."""
+        return []
+
+    def load_trunk(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load ``trunk.*`` weights of another task model's checkpoint (dictionary buffers and
+        pre-training heads are dropped when this trunk has none). Returns (missing, unexpected)."""
+        trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+        if not trunk:
+            raise ValueError("the checkpoint holds no trunk.* weights (not a SOHO task-model checkpoint)")
+        own = self.trunk.state_dict()
+        usable = {k: v for k, v in trunk.items() if k in own}
+        result = self.trunk.load_state_dict(usable, strict=False)
+        return list(result.missing_keys), sorted(set(trunk) - set(usable))
+
+
+class Task:
+    """Subclasses set ``name`` and implement the four methods below."""
+
+    name: str = ""
+
+    def max_steps(self, cfg: SohoConfig) -> int:
+        return cfg.finetune.max_steps
+
+    def metadata(self, data_uri: str, cfg: SohoConfig) -> dict[str, Any]:
+        """Facts about the data the model needs to be rebuilt (e.g. VQA's answer vocabulary);
+        stored in checkpoints so evaluation and prediction need no data at hand."""
+        return {}
+
+    def build_model(self, cfg: SohoConfig, vocab_size: int, meta: dict[str, Any]) -> TaskModel:
+        raise NotImplementedError
+
+    def loader(self, data_uri: str, split: str, cfg: SohoConfig, tokenizer, seed: int, train: bool) -> Iterable:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: TaskModel, data_uri: str, split: str, cfg: SohoConfig, tokenizer,
+                 device: torch.device) -> EvalResult:
+        raise NotImplementedError

@@ -1,0 +1,57 @@
+"""Pre-training: MLM + MVM + ITM on image-caption shards (``soho pretrain``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from soho_core.config import SohoConfig
+from soho_core.data.pretrain_data import pretrain_loader
+from soho_core.models import SohoModel
+from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
+
+
+class PretrainModel(TaskModel):
+    def __init__(self, cfg: SohoConfig, vocab_size: int):
+        super().__init__()
+        self.trunk = SohoModel(cfg.model, vocab_size)
+        self.mvm_prob = cfg.pretrain.mvm_image_prob
+        self.loss_weights = dict(cfg.pretrain.loss_weights)
+
+    def forward(self, **batch: torch.Tensor) -> StepOutput:
+        out = self.trunk.pretrain_forward(**batch, mvm_prob=self.mvm_prob, loss_weights=self.loss_weights)
+        num_mvm = torch.as_tensor(float(out.num_mvm), device=out.loss.device)
+        stats = {name: mean_stat(getattr(out, name))
+                 for name in ("loss_mlm", "loss_mvm", "loss_itm", "acc_itm", "acc_mlm")}
+        stats["acc_mvm"] = (out.acc_mvm.detach().float() * num_mvm, num_mvm)
+        return StepOutput(out.loss, stats)
+
+    def dictionary_stats(self) -> dict[str, float]:
+        return self.trunk.dictionary_stats()
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def max_steps(self, cfg: SohoConfig) -> int:
+        return cfg.train.max_steps
+
+    def build_model(self, cfg: SohoConfig, vocab_size: int, meta: dict[str, Any]) -> PretrainModel:
+        return PretrainModel(cfg, vocab_size)
+
+    def loader(self, data_uri, split, cfg, tokenizer, seed, train):
+        return pretrain_loader(data_uri, split, cfg, tokenizer, seed, train)
+
+    @torch.no_grad()
+    def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
+        """ITM and MLM accuracy on a held-out split (no MVM masking in evaluation)."""
+        totals = torch.zeros(4, dtype=torch.float64)
+        images = 0
+        for batch in pretrain_loader(data_uri, split, cfg, tokenizer, seed=cfg.train.seed, train=False):
+            out = model.trunk.pretrain_forward(**batch.to(device).model_inputs())
+            t, m = batch.num_texts, int((batch.mlm_labels != -100).sum())
+            totals += torch.tensor([float(out.acc_itm) * t, t, float(out.acc_mlm) * m, m], dtype=torch.float64)
+            images += batch.images.shape[0]
+        return EvalResult(images, {"acc_itm": float(totals[0] / max(totals[1], 1)),
+                                   "acc_mlm": float(totals[2] / max(totals[3], 1))})
