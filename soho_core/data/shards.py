@@ -25,7 +25,7 @@ from soho_core import storage
 
 FORMAT = "soho-shards"
 VERSION = 1
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "retrieval", "vqa", "ve", "nlvr2")
 
 
 class ShardSink:
@@ -101,35 +101,75 @@ def _jsonl(uri: str) -> Iterable[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def shard_synthetic(input_uri: str, out_uri: str, tasks: Iterable[str] = TASKS,
-                    max_count: int = 10_000, max_bytes: int = 256 << 20) -> dict[str, dict[str, Any]]:
-    """Turn the output of ``soho data synth`` into shards; returns {task: index}."""
+def _group(records: Iterable[dict[str, Any]], key) -> dict[Any, list[dict[str, Any]]]:
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(key(rec), []).append(rec)
+    return groups
+
+
+def _synthetic_samples(input_uri: str, task: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(split, sample) pairs of one task, from the files of ``soho data synth``.
+
+    pretrain, retrieval: one image with its captions. vqa: one image with its questions
+    (each with 10 human answers). ve: one image with its hypotheses. nlvr2: one image pair
+    (``left.png``, ``right.png``) with its statements.
+    """
+    image = lambda image_id: storage.read_bytes(storage.join(input_uri, "images", f"{image_id}.png"))  # noqa: E731
+    pack = lambda key, record, **images: {"__key__": key, **images, "json": json.dumps(record).encode()}  # noqa: E731
+    if task in ("pretrain", "retrieval"):
+        for rec in _jsonl(storage.join(input_uri, "captions.jsonl")):
+            yield rec["split"], pack(rec["image_id"], {"image_id": rec["image_id"], "captions": rec["captions"]},
+                                     png=image(rec["image_id"]))
+    elif task in ("vqa", "ve"):
+        field, items = ("questions", "vqa.jsonl") if task == "vqa" else ("hypotheses", "ve.jsonl")
+        for (split, image_id), recs in _group(_jsonl(storage.join(input_uri, items)),
+                                              lambda r: (r["split"], r["image_id"])).items():
+            entries = [{k: v for k, v in r.items() if k not in ("split", "image_id")} for r in recs]
+            yield split, pack(image_id, {"image_id": image_id, field: entries}, png=image(image_id))
+    elif task == "nlvr2":
+        for (split, left, right), recs in _group(_jsonl(storage.join(input_uri, "nlvr2.jsonl")),
+                                                 lambda r: (r["split"], r["left_image_id"], r["right_image_id"])).items():
+            statements = [{"id": r["id"], "statement": r["statement"], "label": bool(r["label"])} for r in recs]
+            record = {"id": f"{left}+{right}", "left_image_id": left, "right_image_id": right, "statements": statements}
+            yield split, pack(f"{left}_{right}", record, **{"left.png": image(left), "right.png": image(right)})
+
+
+def shard_synthetic(input_uri: str, out_uri: str, tasks: Iterable[str] = TASKS, max_count: int = 10_000,
+                    max_bytes: int = 256 << 20, answer_vocab_size: int = 3129) -> dict[str, dict[str, Any]]:
+    """Turn the output of ``soho data synth`` into shards, one folder per task; returns {task: index}."""
     tasks = list(tasks)
     for task in tasks:
         if task not in TASKS:
-            raise ValueError(f"task {task!r} cannot be sharded yet; valid: {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {task!r} to shard; valid: {', '.join(TASKS)}")
     manifest_uri = storage.join(input_uri, "manifest.json")
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(
             f"{input_uri!r} is not a complete synthetic dataset: {manifest_uri} is missing "
             f"(make one with `soho data synth --out {input_uri}`)")
-    storage.read_json(manifest_uri)
     storage.register_webdataset_openers()
     out: dict[str, dict[str, Any]] = {}
-    if "pretrain" in tasks:
-        task_uri = storage.join(out_uri, "pretrain")
+    for task in tasks:
+        task_uri = storage.join(out_uri, task)
         sinks: dict[str, ShardSink] = {}
         texts: dict[str, int] = defaultdict(int)
-        for rec in _jsonl(storage.join(input_uri, "captions.jsonl")):
-            split = rec["split"]
+        train_answers: list[list[str]] = []
+        for split, sample in _synthetic_samples(input_uri, task):
             sink = sinks.get(split) or sinks.setdefault(split, ShardSink(task_uri, split, max_count, max_bytes))
-            image = storage.read_bytes(storage.join(input_uri, "images", f"{rec['image_id']}.png"))
-            record = {"image_id": rec["image_id"], "captions": rec["captions"]}
-            sink.write({"__key__": rec["image_id"], "png": image, "json": json.dumps(record).encode()})
-            texts[split] += len(rec["captions"])
+            sink.write(sample)
+            record = json.loads(sample["json"])
+            items = next(record[k] for k in ("captions", "questions", "hypotheses", "statements") if k in record)
+            texts[split] += len(items)
+            if task == "vqa" and split == "train":
+                train_answers += [q["answers"] for q in record["questions"]]
         for sink in sinks.values():
             sink.close()
         splits = {s: {"shards": k.shards, "num_samples": k.num_samples, "num_texts": texts[s]}
                   for s, k in sorted(sinks.items())}
-        out["pretrain"] = write_index(task_uri, "pretrain", "synthetic", splits)
+        vocab = None
+        if task == "vqa":
+            from soho_core.tasks.metrics import build_answer_vocab
+
+            vocab = build_answer_vocab(train_answers, answer_vocab_size)
+        out[task] = write_index(task_uri, task, "synthetic", splits, answer_vocab=vocab)
     return out

@@ -125,8 +125,10 @@ class SohoModel(nn.Module):
             if self.training and mvm_prob > 0:
                 masked = self._mvm_positions(indices, mask, mvm_prob)
                 labels = torch.where(masked, indices, labels)
-            # Always through torch.where so the mask embedding is in every graph (DDP).
-            x = torch.where(masked[..., None], self.mvm_mask_embedding.to(x.dtype), x)
+            # Always through torch.where so the mask embedding is in every graph (DDP); a
+            # fine-tuning trunk that keeps the dictionary has no mask embedding.
+            if self.mvm_mask_embedding is not None:
+                x = torch.where(masked[..., None], self.mvm_mask_embedding.to(x.dtype), x)
         tokens = self.visual.add_position(x, mask, grid)
         return VisualOutput(tokens=tokens, mask=mask, grid=grid, indices=indices, mvm_labels=labels)
 

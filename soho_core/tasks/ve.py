@@ -1,0 +1,65 @@
+"""Visual entailment (SNLI-VE): does the image entail, contradict, or leave open the
+hypothesis? A 3-way MLP on [CLS], cross-entropy; evaluated with ``accuracy``.
+
+    soho finetune --task ve --init PRETRAIN_RUN --data SHARDS --out RUN
+    soho evaluate --task ve --checkpoint RUN --data SHARDS --out metrics.json
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from soho_core.tasks.base import EvalResult, StepOutput, Task, mean_stat
+from soho_core.tasks.metrics import accuracy
+from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
+
+LABELS = ("entailment", "neutral", "contradiction")
+
+
+def label_index(entry: dict) -> int:
+    label = entry["label"]
+    if label not in LABELS:
+        raise ValueError(f"visual-entailment label {label!r} is not one of {LABELS}")
+    return LABELS.index(label)
+
+
+class VEModel(SingleImageClassifier):
+    def forward(self, images, image_sizes, input_ids, attention_mask, image_index, targets) -> StepOutput:
+        """targets (T,) long: index into LABELS."""
+        logits = self.logits(images, image_sizes, input_ids, attention_mask, image_index)
+        loss = F.cross_entropy(logits, targets)
+        acc = (logits.argmax(1) == targets).float().mean()
+        return StepOutput(loss, {"loss_ve": mean_stat(loss), "accuracy": mean_stat(acc)})
+
+
+class VETask(Task):
+    name = "ve"
+
+    def build_model(self, cfg, vocab_size, meta) -> VEModel:
+        return VEModel(cfg, vocab_size, len(LABELS))
+
+    def collator(self, tokenizer, cfg, seed, train) -> GroupedCollator:
+        return GroupedCollator(tokenizer, cfg, seed, train, "hypotheses", lambda e: e["hypothesis"],
+                               label_index, lambda t: torch.tensor(t, dtype=torch.long))
+
+    def loader(self, data_uri, split, cfg, tokenizer, seed, train):
+        return grouped_loader(self.name, data_uri, split, cfg, seed, train,
+                              self.collator(tokenizer, cfg, seed, train))
+
+    @torch.no_grad()
+    def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
+        preds, targets, samples = [], [], []
+        collator = self.collator(tokenizer, cfg, cfg.train.seed, False)
+        for batch in grouped_loader(self.name, data_uri, split, cfg, cfg.train.seed, False, collator):
+            inputs = batch.to(device).model_inputs()
+            gold = inputs.pop("targets")
+            probs = model.logits(**inputs).softmax(1)
+            best = probs.argmax(1)
+            preds += best.tolist()
+            targets += gold.tolist()
+            for row, entry in enumerate(batch.entries[: max(0, 8 - len(samples))]):
+                samples.append({"image_id": batch.image_ids[int(batch.image_index[row])],
+                                "hypothesis": entry["hypothesis"], "prediction": LABELS[int(best[row])],
+                                "probability": round(float(probs[row, best[row]]), 4), "label": entry["label"]})
+        return EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
