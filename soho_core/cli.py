@@ -14,6 +14,8 @@ import logging
 import sys
 
 from soho_core.config import PRESETS, ConfigError, load_config
+from soho_core.data.shards import TASKS
+from soho_core.tasks.catalog import DOWNSTREAM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,9 +35,40 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--source", required=True, choices=["synthetic"])
     sh.add_argument("--input", required=True, help="the source dataset folder or URI")
     sh.add_argument("--out", required=True, help="shard root folder or URI")
-    sh.add_argument("--tasks", default="pretrain", help="comma-separated tasks to shard (default: pretrain)")
+    sh.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks to shard (default: all: {','.join(TASKS)})")
     sh.add_argument("--shard-max-count", type=int, default=10_000, help="samples per shard at most")
     sh.add_argument("--shard-max-mb", type=int, default=256, help="megabytes per shard at most")
+
+    ft = sub.add_parser("finetune", help="fine-tune on a downstream task (single process or under torchrun)")
+    ft.add_argument("--task", required=True, choices=DOWNSTREAM)
+    _add_config_args(ft)
+    ft.add_argument("--init", help="pre-training run folder or checkpoint file (omit to start from scratch)")
+    ft.add_argument("--data", required=True, help="shard root written by `soho data shard`")
+    ft.add_argument("--out", required=True, help="run folder or URI")
+    ft.add_argument("--max-steps", type=int, help="shortcut for --set finetune.max_steps=N")
+
+    ev = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json")
+    ev.add_argument("--task", required=True, choices=("pretrain", *DOWNSTREAM))
+    ev.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or checkpoint file")
+    ev.add_argument("--data", required=True, help="shard root")
+    ev.add_argument("--out", help="metrics file to write (JSON)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--eval-max-images", type=int, help="retrieval: evaluate on the first N images only")
+
+    pr = sub.add_parser("predict", help="ask a fine-tuned model about image files")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--text", required=True, help="question (vqa), statement (nlvr2), hypothesis (ve) or query")
+    pr.add_argument("--image", help="image file (vqa, ve; the left image for nlvr2)")
+    pr.add_argument("--image2", help="the right image (nlvr2)")
+    pr.add_argument("--images", help="folder of images to rank (retrieval)")
+    pr.add_argument("--top-k", type=int, default=5)
+
+    ab = sub.add_parser("ablate", help="no pre-training vs no visual dictionary vs full SOHO, every task")
+    _add_config_args(ab, default="demo")
+    ab.add_argument("--data", required=True, help="shard root with every task's shards")
+    ab.add_argument("--out", required=True, help="folder for the runs and ablation.json")
+    ab.add_argument("--tasks", default=",".join(DOWNSTREAM))
+    ab.add_argument("--variants", default="scratch,no_vd,soho")
 
     pt = sub.add_parser("pretrain", help="pre-train with MLM + MVM + ITM (single process or under torchrun)")
     _add_config_args(pt)
@@ -45,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
+def _add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+    p.add_argument("--config", default=default, help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
 
@@ -90,6 +123,38 @@ def _run(args: argparse.Namespace) -> int:
         result = train(get_task("pretrain"), cfg, args.data, args.out)
         if _is_main():
             print(json.dumps({"out": args.out, "final": result.last_metrics}))
+        return 0
+    if args.command == "finetune":
+        overrides = list(args.set) + ([f"finetune.max_steps={args.max_steps}"] if args.max_steps else [])
+        cfg = load_config(args.config, overrides)
+        from soho_core.tasks.catalog import get_task
+        from soho_core.train.engine import train
+
+        result = train(get_task(args.task), cfg, args.data, args.out, init=args.init)
+        if _is_main():
+            print(json.dumps({"out": args.out, "final": result.last_metrics}))
+        return 0
+    if args.command == "evaluate":
+        from soho_core.tasks.catalog import get_task
+        from soho_core.train.engine import evaluate
+
+        report = evaluate(get_task(args.task), args.checkpoint, args.data, args.out, split=args.split,
+                          eval_max_images=args.eval_max_images)
+        print(json.dumps(report))
+        return 0
+    if args.command == "predict":
+        from soho_core.predict import predict
+
+        print(json.dumps(predict(args.checkpoint, args.text, image=args.image, image2=args.image2,
+                                 images_dir=args.images, top_k=args.top_k), indent=1))
+        return 0
+    if args.command == "ablate":
+        from soho_core.ablate import ablate, format_table
+
+        table = ablate(args.data, args.out, args.config, list(args.set),
+                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                       variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+        print(format_table(table))
         return 0
     raise AssertionError(args)
 

@@ -57,3 +57,26 @@ def s3_server(monkeypatch):
     yield endpoint
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def task_shards(synthetic_dir, tmp_path_factory):
+    """Shards of every task (pretrain, retrieval, vqa, ve, nlvr2) from the small world."""
+    from soho_core.data.shards import shard_synthetic
+
+    out = tmp_path_factory.mktemp("task_shards")
+    shard_synthetic(str(synthetic_dir), str(out), max_count=40)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(task_shards, tmp_path_factory):
+    """A tiny pre-training run (a few steps) to initialise fine-tuning from."""
+    from soho_core.config import load_config
+    from soho_core.tasks.catalog import get_task
+    from soho_core.train.engine import train
+
+    out = tmp_path_factory.mktemp("tiny_pretrain")
+    train(get_task("pretrain"), load_config("tiny", ["train.max_steps=4", "train.log_every=2"]),
+          str(task_shards), str(out))
+    return out

@@ -221,14 +221,15 @@ def load_task_model(task: Task, checkpoint: str, device: torch.device | str = "c
 
 
 def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, split: str = "test",
-             overrides: SohoConfig | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on one split and write ``{"task", "split", "num_examples", "metrics"}``."""
+             eval_max_images: int | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on one split and write ``{"task", "split", "num_examples", "metrics"}``
+    (plus up to a few ``samples`` of predictions, for reports)."""
     task_uri, index = load_index(data_uri, task.name)
     shard_urls(task_uri, index, split)
     info = init_distributed("auto")
     model, cfg, tokenizer = load_task_model(task, checkpoint, info.device)
-    if overrides is not None:  # evaluation-time settings (batching, workers) from the caller
-        cfg.data, cfg.finetune.eval_max_images = overrides.data, overrides.finetune.eval_max_images
+    if eval_max_images is not None:
+        cfg.finetune.eval_max_images = eval_max_images
     result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
     report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics}
     if out_file:
