@@ -3,7 +3,8 @@
 Each shard sample is one image with all its captions. A batch holds B images and,
 for each, ``sentence_group`` texts (T = B x group), so the CNN runs once per image.
 About ``itm_neg_prob`` of the texts are swapped for a caption of another image in
-the batch (ITM negatives); MLM targets are drawn on the matched texts only.
+the batch (ITM negatives). All texts are MLM-masked alike (so a [MASK] says nothing about
+the pairing) and only the matched ones are scored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
-from soho_core.data.masking import mask_tokens
+from soho_core.data.masking import IGNORE, mask_tokens
 from soho_core.data.transforms import pad_batch
 
 
@@ -75,9 +76,13 @@ class PretrainCollator:
         ids = enc["input_ids"]
         special = torch.isin(ids, torch.tensor(self.tok.all_special_ids))
         itm_labels = torch.tensor(itm, dtype=torch.long)
+        # Every text is masked alike, and only matched ones are scored: were mismatched captions
+        # left unmasked, "has a [MASK]" would give the ITM answer away without the image.
         ids, mlm_labels = mask_tokens(
-            ids, special, itm_labels == 1, self.cfg.pretrain.mlm_prob, self.tok.mask_token_id,
-            first_word_id=max(self.tok.all_special_ids) + 1, vocab_size=len(self.tok), generator=self.random.gen)
+            ids, special, torch.ones_like(itm_labels, dtype=torch.bool), self.cfg.pretrain.mlm_prob,
+            self.tok.mask_token_id, first_word_id=max(self.tok.all_special_ids) + 1, vocab_size=len(self.tok),
+            generator=self.random.gen)
+        mlm_labels[itm_labels == 0] = IGNORE
         return PretrainBatch(images, image_sizes, ids, enc["attention_mask"], mlm_labels,
                              torch.tensor(image_index, dtype=torch.long), itm_labels, skipped=counter.take())
 
