@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from soho_core.data.transforms import decode_image, pad_batch
 from soho_core.tasks.catalog import DOWNSTREAM, get_task

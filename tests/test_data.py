@@ -1,5 +1,4 @@
 import importlib.util
-import io
 import json
 import os
 from pathlib import Path
@@ -111,7 +110,6 @@ def test_loader_groups_captions_per_image_with_itm_negatives(shard_root, synthet
     has_mask = (batch.input_ids == tok.mask_token_id).any(1).float()
     assert has_mask[neg].mean() > 0.5 and has_mask[~neg].mean() > 0.5
     # a negative text is another image's caption, a positive one its own image's
-    captions = {rec["image_id"]: rec["captions"] for rec in _captions(synthetic_dir)}
     restored = batch.input_ids.clone()
     restored[batch.mlm_labels != IGNORE] = batch.mlm_labels[batch.mlm_labels != IGNORE]
     texts = tok.batch_decode(restored[~neg], skip_special_tokens=True)

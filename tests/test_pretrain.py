@@ -14,7 +14,7 @@ import torch
 from soho_core.cli import main
 from soho_core.config import load_config
 from soho_core.data.tokenizer import build_tokenizer
-from soho_core.train.checkpoint import latest_checkpoint, load_checkpoint
+from soho_core.train.checkpoint import load_checkpoint
 from soho_core.tasks.catalog import get_task
 from soho_core.train.engine import train
 from soho_core.train.tracking import read_metrics

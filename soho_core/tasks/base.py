@@ -32,6 +32,13 @@ def mean_stat(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return value.detach().float(), torch.ones((), device=value.device)
 
 
+def classification_output(logits: torch.Tensor, targets: torch.Tensor, loss_name: str) -> StepOutput:
+    """Cross-entropy of (R, C) logits against (R,) class targets, with its accuracy as a stat."""
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    acc = (logits.detach().argmax(1) == targets).float().mean()
+    return StepOutput(loss, {loss_name: mean_stat(loss), "accuracy": mean_stat(acc)})
+
+
 @dataclass
 class EvalResult:
     num_examples: int

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
 from soho_core.data.transforms import pad_batch
-from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
+from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, classification_output
 from soho_core.tasks.metrics import accuracy
 from soho_core.tasks.single_image import classifier_head, task_trunk
 
@@ -136,9 +135,7 @@ class NLVR2Model(TaskModel):
                 targets) -> StepOutput:
         """targets (S,) long, 1 = true."""
         logits = self.logits(images, image_sizes, input_ids, attention_mask, left_index, right_index)
-        loss = F.cross_entropy(logits, targets)
-        acc = (logits.argmax(1) == targets).float().mean()
-        return StepOutput(loss, {"loss_nlvr2": mean_stat(loss), "accuracy": mean_stat(acc)})
+        return classification_output(logits, targets, "loss_nlvr2")
 
 
 class NLVR2Task(Task):

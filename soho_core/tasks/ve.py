@@ -8,9 +8,8 @@ hypothesis? A 3-way MLP on [CLS], cross-entropy; evaluated with ``accuracy``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from soho_core.tasks.base import EvalResult, StepOutput, Task, mean_stat
+from soho_core.tasks.base import EvalResult, StepOutput, Task, classification_output
 from soho_core.tasks.metrics import accuracy
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
 
@@ -28,9 +27,7 @@ class VEModel(SingleImageClassifier):
     def forward(self, images, image_sizes, input_ids, attention_mask, image_index, targets) -> StepOutput:
         """targets (T,) long: index into LABELS."""
         logits = self.logits(images, image_sizes, input_ids, attention_mask, image_index)
-        loss = F.cross_entropy(logits, targets)
-        acc = (logits.argmax(1) == targets).float().mean()
-        return StepOutput(loss, {"loss_ve": mean_stat(loss), "accuracy": mean_stat(acc)})
+        return classification_output(logits, targets, "loss_ve")
 
 
 class VETask(Task):
