@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="shard root")
     ev.add_argument("--out", help="metrics file to write (JSON)")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--eval-max-images", type=int, help="retrieval: evaluate on the first N images only")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="evaluation settings (data.* and finetune.* only), e.g. --set finetune.eval_max_images=100")
 
     pr = sub.add_parser("predict", help="ask a fine-tuned model about image files")
     pr.add_argument("--checkpoint", required=True)
@@ -139,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         from soho_core.train.engine import evaluate
 
         report = evaluate(get_task(args.task), args.checkpoint, args.data, args.out, split=args.split,
-                          eval_max_images=args.eval_max_images)
+                          overrides=args.set)
         print(json.dumps(report))
         return 0
     if args.command == "predict":

@@ -80,6 +80,13 @@ def test_cli_finetune_evaluate_end_to_end(task_name, metric, tiny_pretrained, ta
     assert report["task"] == task_name and report["split"] == "val"
     assert report["num_examples"] == index["splits"]["val"]["num_texts"]
     assert 0.0 <= report["metrics"][metric] <= 1.0
+    # evaluation may change data.* / finetune.* settings, never the model
+    assert main(["evaluate", "--task", task_name, "--checkpoint", str(out), "--data", str(task_shards),
+                 "--split", "val", "--set", "data.images_per_batch=2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["num_examples"] == report["num_examples"]
+    assert main(["evaluate", "--task", task_name, "--checkpoint", str(out), "--data", str(task_shards),
+                 "--set", "model.fusion.num_layers=1"]) == 2
+    assert "only data.* and finetune.*" in capsys.readouterr().err
     # a checkpoint of another task is refused, naming both
     assert main(["evaluate", "--task", "nlvr2", "--checkpoint", str(out), "--data", str(task_shards)]) == 2
     assert f"'{task_name}' checkpoint, not 'nlvr2'" in capsys.readouterr().err

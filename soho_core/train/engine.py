@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from soho_core import storage
-from soho_core.config import SohoConfig, config_from_dict
+from soho_core.config import ConfigError, SohoConfig, config_from_dict, set_value
 from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
@@ -221,15 +222,22 @@ def load_task_model(task: Task, checkpoint: str, device: torch.device | str = "c
 
 
 def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, split: str = "test",
-             eval_max_images: int | None = None) -> dict[str, Any]:
+             overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on one split and write ``{"task", "split", "num_examples", "metrics"}``
-    (plus up to a few ``samples`` of predictions, for reports)."""
+    (plus up to a few ``samples`` of predictions, for reports). ``overrides`` (``a.b=c``) may
+    change evaluation settings only: ``data.*`` and ``finetune.*``, never the model."""
+    for item in overrides or []:
+        if not item.startswith(("data.", "finetune.")):
+            raise ConfigError(f"evaluation override {item!r}: only data.* and finetune.* keys can change "
+                              f"at evaluation (the model is the checkpoint's)")
     task_uri, index = load_index(data_uri, task.name)
     shard_urls(task_uri, index, split)
     info = init_distributed("auto")
     model, cfg, tokenizer = load_task_model(task, checkpoint, info.device)
-    if eval_max_images is not None:
-        cfg.finetune.eval_max_images = eval_max_images
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        set_value(cfg, key.strip(), yaml.safe_load(raw))
+    cfg.validate()
     result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
     report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics}
     if out_file:
