@@ -124,3 +124,14 @@ def test_predict_errors_name_the_problem(vqa_run, tiny_pretrained, tmp_path, cap
         capsys.readouterr()
         assert main(["predict", *args]) == 2, args
         assert message in capsys.readouterr().err, (args, message)
+
+
+def test_evaluate_pretraining_reports_itm_and_mlm_accuracy(tiny_pretrained, task_shards, tmp_path, capsys):
+    out = tmp_path / "pretrain-val.json"
+    assert main(["evaluate", "--task", "pretrain", "--checkpoint", str(tiny_pretrained), "--data", str(task_shards),
+                 "--out", str(out), "--split", "val"]) == 0
+    report = json.loads(out.read_text())
+    _, index = load_index(str(task_shards), "pretrain")
+    assert report["task"] == "pretrain" and report["num_examples"] == index["splits"]["val"]["num_samples"]
+    assert set(report["metrics"]) == {"acc_itm", "acc_mlm"}
+    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())

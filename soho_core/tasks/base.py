@@ -9,7 +9,7 @@ initialises any task's trunk from the ``trunk.*`` weights of a pre-training chec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -44,6 +44,30 @@ class EvalResult:
     num_examples: int
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)  # a few predictions, for reports
+
+
+@torch.no_grad()
+def evaluate_classifier(model: "TaskModel", batches: Iterable, device: torch.device,
+                        describe: Callable[[Any, int, int, float], dict[str, Any]], num_samples: int = 8) -> EvalResult:
+    """Accuracy of ``model.logits`` over every batch (each with ``targets``); ``describe(batch,
+    row, predicted class, its probability)`` turns the first ``num_samples`` rows into report samples."""
+    from soho_core.tasks.metrics import accuracy
+
+    preds: list[int] = []
+    targets: list[int] = []
+    samples: list[dict[str, Any]] = []
+    for batch in batches:
+        inputs = batch.to(device).model_inputs()
+        gold = inputs.pop("targets")
+        probs = model.logits(**inputs).softmax(1)
+        best = probs.argmax(1)
+        preds += best.tolist()
+        targets += gold.tolist()
+        for row in range(min(batch.num_texts, num_samples - len(samples))):
+            samples.append(describe(batch, row, int(best[row]), round(float(probs[row, best[row]]), 4)))
+    if not preds:
+        raise ValueError("no readable examples in the evaluation split")
+    return EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
 
 
 class TaskModel(nn.Module):

@@ -22,8 +22,7 @@ from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
 from soho_core.data.transforms import pad_batch
-from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, classification_output
-from soho_core.tasks.metrics import accuracy
+from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, classification_output, evaluate_classifier
 from soho_core.tasks.single_image import classifier_head, task_trunk
 
 IMAGE_KEYS = ("left.png", "right.png")
@@ -149,21 +148,13 @@ class NLVR2Task(Task):
                       image_keys=IMAGE_KEYS, check=check_sample,
                       batch_size=max(1, cfg.data.images_per_batch // 2))
 
-    @torch.no_grad()
     def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
-        preds, targets, samples = [], [], []
-        for batch in self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False):
-            inputs = batch.to(device).model_inputs()
-            gold = inputs.pop("targets")
-            probs = model.logits(**inputs).softmax(1)
-            best = probs.argmax(1)
-            preds += best.tolist()
-            targets += gold.tolist()
-            for row, entry in enumerate(batch.entries[: max(0, 8 - len(samples))]):
-                samples.append({"left_image_id": batch.image_ids[int(batch.left_index[row])],
-                                "right_image_id": batch.image_ids[int(batch.right_index[row])],
-                                "statement": entry["statement"], "prediction": bool(best[row]),
-                                "probability": round(float(probs[row, best[row]]), 4), "label": entry["label"]})
-        if not preds:
-            raise ValueError(f"no readable NLVR2 statements in split {split!r} of {data_uri!r}")
-        return EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
+        def describe(batch, row, pred, prob):
+            entry = batch.entries[row]
+            return {"left_image_id": batch.image_ids[int(batch.left_index[row])],
+                    "right_image_id": batch.image_ids[int(batch.right_index[row])],
+                    "statement": entry["statement"], "prediction": bool(pred), "probability": prob,
+                    "label": entry["label"]}
+
+        batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
+        return evaluate_classifier(model, batches, device, describe)

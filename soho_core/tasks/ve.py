@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from soho_core.tasks.base import EvalResult, StepOutput, Task, classification_output
-from soho_core.tasks.metrics import accuracy
+from soho_core.tasks.base import EvalResult, StepOutput, Task, classification_output, evaluate_classifier
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -44,19 +43,11 @@ class VETask(Task):
         return grouped_loader(self.name, data_uri, split, cfg, seed, train,
                               self.collator(tokenizer, cfg, seed, train))
 
-    @torch.no_grad()
     def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
-        preds, targets, samples = [], [], []
-        collator = self.collator(tokenizer, cfg, cfg.train.seed, False)
-        for batch in grouped_loader(self.name, data_uri, split, cfg, cfg.train.seed, False, collator):
-            inputs = batch.to(device).model_inputs()
-            gold = inputs.pop("targets")
-            probs = model.logits(**inputs).softmax(1)
-            best = probs.argmax(1)
-            preds += best.tolist()
-            targets += gold.tolist()
-            for row, entry in enumerate(batch.entries[: max(0, 8 - len(samples))]):
-                samples.append({"image_id": batch.image_ids[int(batch.image_index[row])],
-                                "hypothesis": entry["hypothesis"], "prediction": LABELS[int(best[row])],
-                                "probability": round(float(probs[row, best[row]]), 4), "label": entry["label"]})
-        return EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
+        def describe(batch, row, pred, prob):
+            entry = batch.entries[row]
+            return {"image_id": batch.image_ids[int(batch.image_index[row])], "hypothesis": entry["hypothesis"],
+                    "prediction": LABELS[pred], "probability": prob, "label": entry["label"]}
+
+        batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
+        return evaluate_classifier(model, batches, device, describe)
