@@ -38,11 +38,6 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def makedirs(uri: str) -> None:
-    fs, path = fs_and_path(uri)
-    fs.makedirs(path, exist_ok=True)
-
-
 def open_uri(uri: str, mode: str = "rb"):
     fs, path = fs_and_path(uri)
     if "w" in mode:
@@ -83,12 +78,6 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 def write_json_atomic(uri: str, obj: Any) -> None:
     write_bytes_atomic(uri, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def remove(uri: str) -> None:
-    fs, path = fs_and_path(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
