@@ -69,6 +69,8 @@ class FusionConfig:
     intermediate_size: int = 3072
     dropout: float = 0.1
     max_text_len: int = 32
+    # Std of the random init (BERT's 0.02 suits width 768; a narrow model needs more, see _from_scratch).
+    init_range: float = 0.02
 
 
 @dataclass
@@ -77,6 +79,9 @@ class ModelConfig:
     visual: VisualConfig = field(default_factory=VisualConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # > 0: an image-text contrastive head of this width, trained in pre-training with weight
+    # pretrain.loss_weights.itc (ALBEF's "align before fuse"; SOHO has none, so the res presets keep 0).
+    itc_dim: int = 0
 
 
 @dataclass
@@ -90,12 +95,17 @@ class DataConfig:
     shuffle_buffer: int = 500
 
 
+LOSSES = frozenset({"mlm", "mvm", "itm", "itc"})
+
+
 @dataclass
 class PretrainConfig:
     mlm_prob: float = 0.15  # fraction of word pieces masked (80% [MASK], 10% random, 10% kept)
     mvm_image_prob: float = 0.5  # chance an image gets one visual word masked, in training only
     itm_neg_prob: float = 0.5  # chance a caption is swapped for another image's caption
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "mvm": 1.0, "itm": 1.0})
+    # itc counts only with model.itc_dim > 0
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "mvm": 1.0, "itm": 1.0, "itc": 1.0})
+    itc_temperature: float = 0.07  # softmax temperature of the ITC similarities
 
 
 @dataclass
@@ -163,6 +173,16 @@ def _from_scratch(preset: str, image: int, width: int, heads: int, dict_size: in
     c.model.dictionary.size = dict_size
     f = c.model.fusion
     f.hidden_size, f.num_layers, f.num_heads, f.intermediate_size = width, 2, heads, 4 * width
+    # BERT's init std of 0.02 is tuned for width 768; at width 64 it leaves attention uniform and
+    # the image a ~0.5% change in [CLS], and ITM stayed at chance for 1,400 steps. 1/sqrt(width)
+    # gives the dot products of a unit-variance layer.
+    f.init_range = width ** -0.5
+    # With a CNN trained from scratch, ITM alone gets no signal that depends on the text until the
+    # CNN's features say something (chicken and egg: with the raw pixels as features it learned).
+    # An ITC loss on pooled features gives the CNN that signal from the first step.
+    c.model.itc_dim = width
+    # ImageNet weights are frozen in the release's first stage; frozen random filters only lose detail.
+    c.model.backbone.frozen_stages = 0
     c.data.image_min = c.data.image_max = image
     c.data.images_per_batch = 8
     # A CNN trained from scratch can satisfy MVM by making its visual words uninformative: at
@@ -179,7 +199,7 @@ def tiny() -> SohoConfig:
     c.model.dictionary.decay_ramp_steps = 50
     c.model.fusion.intermediate_size, c.model.fusion.dropout, c.model.fusion.max_text_len = 128, 0.0, 24
     c.data.num_workers, c.data.shuffle_buffer = 0, 100
-    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 5e-4, 1e-2, 10
+    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 1e-3, 1e-2, 10
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
     c.finetune.max_steps = 60
     return c
@@ -269,9 +289,14 @@ def set_value(cfg: SohoConfig, dotted: str, value: Any) -> None:
         if name not in names:
             where = f"in {prefix!r} " if prefix else ""
             raise ConfigError(f"unknown config key {dotted!r}: no field {name!r} {where}(valid: {', '.join(names)})")
+        hint = typing.get_type_hints(type(obj))[name]
+        if i == len(parts) - 2 and typing.get_origin(hint) is dict:  # one entry: pretrain.loss_weights.itc=0
+            setattr(obj, name, {**getattr(obj, name), **_coerce(dotted, {parts[-1]: value}, hint)})
+            return
         if i == len(parts) - 1:
-            hint = typing.get_type_hints(type(obj))[name]
-            setattr(obj, name, _coerce(dotted, value, hint))
+            value = _coerce(dotted, value, hint)
+            current = getattr(obj, name)
+            setattr(obj, name, {**current, **value} if isinstance(current, dict) else value)
         else:
             obj = getattr(obj, name)
             if not dataclasses.is_dataclass(obj):
@@ -291,7 +316,9 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
             _merge(current, value, prefix=dotted + ".")
         else:
             hint = typing.get_type_hints(type(obj))[key]
-            setattr(obj, key, _coerce(dotted, value, hint))
+            value = _coerce(dotted, value, hint)
+            # A mapping updates the preset's (giving one loss weight keeps the others).
+            setattr(obj, key, {**current, **value} if isinstance(current, dict) else value)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -349,6 +376,8 @@ def _validate(c: SohoConfig) -> None:
     need(f.num_layers >= 1, "model.fusion.num_layers", "must be >= 1")
     need(0.0 <= f.dropout < 1.0, "model.fusion.dropout", "must be in [0, 1)")
     need(f.max_text_len >= 4, "model.fusion.max_text_len", "must be >= 4")
+    need(f.init_range > 0, "model.fusion.init_range", "must be > 0")
+    need(m.itc_dim >= 0, "model.itc_dim", "must be >= 0 (0 = no contrastive head)")
     need(bool(f.tokenizer), "model.fusion.tokenizer", "must name a tokenizer directory, a hub name or 'synthetic'")
     dc = c.data
     need(0 < dc.image_min <= dc.image_max, "data.image_min", "must be positive and <= data.image_max")
@@ -359,9 +388,13 @@ def _validate(c: SohoConfig) -> None:
     p = c.pretrain
     for key in ("mlm_prob", "mvm_image_prob", "itm_neg_prob"):
         need(0.0 <= getattr(p, key) <= 1.0, f"pretrain.{key}", "must be in [0, 1]")
-    unknown = set(p.loss_weights) - {"mlm", "mvm", "itm"}
+    unknown = set(p.loss_weights) - LOSSES
     if unknown:
-        raise ConfigError(f"config key 'pretrain.loss_weights' has unknown losses {sorted(unknown)}; valid: itm, mlm, mvm")
+        raise ConfigError(f"config key 'pretrain.loss_weights' has unknown losses {sorted(unknown)}; "
+                          f"valid: {', '.join(sorted(LOSSES))}")
+    for key, w in p.loss_weights.items():
+        need(w >= 0, f"pretrain.loss_weights.{key}", "must be >= 0")
+    need(p.itc_temperature > 0, "pretrain.itc_temperature", "must be > 0")
     ft = c.finetune
     need(ft.max_steps >= 1, "finetune.max_steps", "must be >= 1")
     need(ft.head_lr_mult > 0, "finetune.head_lr_mult", "must be > 0")

@@ -4,6 +4,7 @@ MVM masking, MLM only at masked rows, one visual pass per image, and BERT checkp
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -185,11 +186,13 @@ def test_every_head_runs_forward_and_backward():
         if 0 < int(masked.sum()) < 4:
             break
     torch.manual_seed(seed)
-    out = model.pretrain_forward(**batch, mvm_prob=0.5, loss_weights={"mlm": 1.0, "mvm": 1.0, "itm": 1.0})
+    assert model.itc_head is not None  # the tiny preset has the contrastive head
+    out = model.pretrain_forward(**batch, mvm_prob=0.5,
+                                 loss_weights={"mlm": 1.0, "mvm": 1.0, "itm": 1.0, "itc": 0.5})
     assert isinstance(out, PretrainOutput)
-    for loss in (out.loss, out.loss_mlm, out.loss_mvm, out.loss_itm):
+    for loss in (out.loss, out.loss_mlm, out.loss_mvm, out.loss_itm, out.loss_itc):
         assert loss.dim() == 0 and torch.isfinite(loss)
-    assert_close(out.loss, out.loss_mlm + out.loss_mvm + out.loss_itm)
+    assert_close(out.loss, out.loss_mlm + out.loss_mvm + out.loss_itm + 0.5 * out.loss_itc)
     out.loss.backward()
     params = {
         "backbone": model.backbone.stages[-1][0].conv1.weight,
@@ -202,6 +205,8 @@ def test_every_head_runs_forward_and_backward():
         "mvm mask embedding": model.mvm_mask_embedding,
         "gate": model.gate.gate.weight,
         "itm head": model.itm_head.classifier.weight,
+        "itc image projection": model.itc_head.image_proj.weight,
+        "itc text projection": model.itc_head.text_proj.weight,
     }
     for name, p in params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -355,3 +360,37 @@ def test_itm_is_scored_only_on_texts_whose_image_was_shown_whole():
     model.zero_grad()
     whole = model.pretrain_forward(**batch, mvm_prob=0.0)
     assert whole.loss_itm.item() > 0
+
+
+def test_itc_loss_by_hand():
+    from soho_core.models.heads import ITCHead
+
+    # 2 images, 3 texts: texts 0 and 1 describe image 0, text 2 describes image 1.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    match = torch.tensor([[True, True, False], [False, False, True]])
+    loss, acc, logits = ITCHead.loss(images, texts, match, temperature=0.5)
+    sims = [[1.0, 0.6, 0.0], [0.0, 0.8, 1.0]]  # cosines; logits = cosine / 0.5
+    assert_close(logits, torch.tensor(sims) * 2)
+    e = math.exp
+    # image -> text: image 0 has two positives (weight 1/2 each), image 1 one
+    i2t = (-0.5 * (math.log(e(2) / (e(2) + e(1.2) + e(0))) + math.log(e(1.2) / (e(2) + e(1.2) + e(0))))
+           - math.log(e(2) / (e(0) + e(1.6) + e(2)))) / 2
+    # text -> image: one positive each
+    t2i = -(math.log(e(2) / (e(2) + e(0))) + math.log(e(1.2) / (e(1.2) + e(1.6))) + math.log(e(2) / (e(0) + e(2)))) / 3
+    assert_close(loss, torch.tensor((i2t + t2i) / 2))
+    assert_close(acc, torch.tensor(2 / 3))  # text 1 is nearer image 1
+
+
+def test_itc_pairs_each_matched_caption_with_its_own_image():
+    """Swap two images and their captions' image_index together: the ITC loss must not change;
+    swap only the images: it must."""
+    model = _model().eval()
+    batch = _batch(num_images=3)
+    batch["itm_labels"] = torch.ones_like(batch["itm_labels"])
+    base = model.pretrain_forward(**batch).loss_itc
+    perm = torch.tensor([1, 0, 2])
+    swapped = dict(batch, images=batch["images"][perm], image_sizes=batch["image_sizes"][perm])
+    assert not torch.allclose(model.pretrain_forward(**swapped).loss_itc, base)
+    swapped["image_index"] = perm[batch["image_index"]]
+    assert_close(model.pretrain_forward(**swapped).loss_itc, base)

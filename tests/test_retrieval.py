@@ -59,8 +59,16 @@ def test_step_trains_every_part(shards):
     # DDP needs a gradient on every trainable parameter, every step.
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
-    for part in (model.trunk.backbone, model.trunk.itm_head, model.image_proj, model.text_proj):
+    # the tiny preset pre-trains an ITC head, which retrieval fine-tunes rather than adding one
+    assert model.new_itc is None and model.itc is model.trunk.itc_head and not model.head_parameters()
+    for part in (model.trunk.backbone, model.trunk.itm_head, model.itc.image_proj, model.itc.text_proj):
         assert sum(float(p.grad.abs().sum()) for p in part.parameters() if p.requires_grad) > 0
+
+
+def test_a_trunk_without_itc_gets_a_new_head():
+    model = _model(load_config("tiny", ["model.itc_dim=0"]))
+    assert model.trunk.itc_head is None and model.itc is model.new_itc
+    assert model.head_parameters() == list(model.new_itc.parameters())
 
 
 def _sample(image_id: str, captions: list[str]) -> dict:

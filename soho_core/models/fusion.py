@@ -49,6 +49,7 @@ def build_bert(cfg: FusionConfig, vocab_size: int) -> BertModel:
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_text_len,
         type_vocab_size=2,
+        initializer_range=cfg.init_range,
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
     )

@@ -66,3 +66,44 @@ class ITMHead(nn.Module):
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pooler(cls))
+
+
+class ITCHead(nn.Module):
+    """Image-text contrastive alignment (ALBEF's "align before fuse"; not in SOHO's paper):
+    pooled visual tokens and the [CLS] of a text-only pass, each projected to ``embed_dim`` and
+    L2-normalised; their dot products are the similarities.
+
+    Optional in pre-training (``model.itc_dim``), always present in retrieval fine-tuning, where it
+    is the cheap first stage.
+    """
+
+    def __init__(self, dim: int, embed_dim: int):
+        super().__init__()
+        self.image_proj = nn.Linear(dim, embed_dim)
+        self.text_proj = nn.Linear(dim, embed_dim)
+
+    def embed_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(I, d) mean of an image's valid visual tokens -> (I, E) unit vectors."""
+        return F.normalize(self.image_proj(pooled).float(), dim=-1)
+
+    def embed_text(self, cls: torch.Tensor) -> torch.Tensor:
+        """(T, d) [CLS] of a text-only pass -> (T, E) unit vectors."""
+        return F.normalize(self.text_proj(cls).float(), dim=-1)
+
+    @staticmethod
+    def loss(images: torch.Tensor, texts: torch.Tensor, match: torch.Tensor, temperature: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InfoNCE both ways. images (I, E), texts (T, E) unit; match (I, T) bool, True where text t
+        describes image i (an image has several captions). Returns (loss, text->image accuracy,
+        the (I, T) logits)."""
+        logits = images @ texts.t() / temperature
+        loss = (multi_positive_nce(logits, match) + multi_positive_nce(logits.t(), match.t())) / 2
+        acc = match.t().gather(1, logits.detach().t().argmax(1, keepdim=True)).float().mean()
+        return loss, acc, logits
+
+
+def multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of (Q, C) logits whose rows may have several positives (an image's captions): the
+    cross-entropy against the uniform distribution over each row's positives."""
+    target = positive.float() / positive.sum(1, keepdim=True).clamp(min=1)
+    return -(logits.float().log_softmax(1) * target).sum(1).mean()

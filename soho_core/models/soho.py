@@ -19,7 +19,7 @@ from torch import nn
 from soho_core.config import ModelConfig
 from soho_core.models.backbone import Backbone
 from soho_core.models.fusion import FusionEncoder
-from soho_core.models.heads import ITMHead, MLMHead, MVMHead
+from soho_core.models.heads import ITCHead, ITMHead, MLMHead, MVMHead
 from soho_core.models.visual_dictionary import DictionaryGate, VisualDictionary
 from soho_core.models.visual_embedding import VisualEmbedding
 
@@ -48,7 +48,7 @@ class VisualOutput:
 class PretrainOutput:
     """Losses (0-dim tensors with graph) and detached metrics (0-dim tensors) of one step.
 
-    loss: weighted sum of the three. acc_*: accuracy over the scored rows, 0 when there are
+    loss: weighted sum of the three (four with an ITC head). acc_*: accuracy over the scored rows, 0 when there are
     none. num_mvm: how many visual positions the MVM loss scored (masked AND in a matched pair).
     """
 
@@ -60,6 +60,8 @@ class PretrainOutput:
     acc_mlm: torch.Tensor
     acc_mvm: torch.Tensor
     num_mvm: int
+    loss_itc: torch.Tensor | None = None  # None without an ITC head
+    acc_itc: torch.Tensor | None = None
 
 
 def _scored_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +100,7 @@ class SohoModel(nn.Module):
             self.mvm_head = MVMHead(dim)
         self.mlm_head = MLMHead(self.fusion.word_embedding_weight)
         self.itm_head = ITMHead(dim)
+        self.itc_head: ITCHead | None = ITCHead(dim, cfg.itc_dim) if cfg.itc_dim > 0 else None
 
     @property
     def dim(self) -> int:
@@ -162,20 +165,34 @@ class SohoModel(nn.Module):
         vmask = visual.mask.index_select(0, image_index)
         return self.fusion(input_ids, attention_mask, tokens, vmask)
 
+    @staticmethod
+    def pool(visual: VisualOutput) -> torch.Tensor:
+        """(B, d) mean of each image's valid visual tokens."""
+        valid = visual.mask.unsqueeze(-1).to(visual.tokens.dtype)
+        return (visual.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+    def text_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(T, d) [CLS] of a text-only pass: the fusion encoder given zero visual tokens, so the
+        text stream goes through the same code (embeddings, key mask) and weights as when fused."""
+        none = self.fusion.word_embedding_weight.new_zeros(input_ids.shape[0], 0, self.dim)
+        empty = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
+        return self.fusion(input_ids, attention_mask, none, empty)[:, 0]
+
     # ------------------------------------------------------------------ pre-training
 
     def pretrain_forward(self, images: torch.Tensor, image_sizes: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, mlm_labels: torch.Tensor, image_index: torch.Tensor,
                          itm_labels: torch.Tensor, mvm_prob: float = 0.0,
-                         loss_weights: dict[str, float] | None = None) -> PretrainOutput:
+                         loss_weights: dict[str, float] | None = None,
+                         itc_temperature: float = 0.07) -> PretrainOutput:
         """One pre-training step's losses.
 
         images (B, 3, H, W), image_sizes (B, 2) long; input_ids, attention_mask, mlm_labels
         (T, L) with mlm_labels = -100 where not an MLM target; image_index (T,) long;
         itm_labels (T,) long, 1 = matched pair, 0 = mismatched. loss_weights: keys mlm, mvm,
-        itm (missing ones weigh 1).
+        itm, itc (missing ones weigh 1; itc counts only with an ITC head).
         """
-        weights = {"mlm": 1.0, "mvm": 1.0, "itm": 1.0, **(loss_weights or {})}
+        weights = {"mlm": 1.0, "mvm": 1.0, "itm": 1.0, "itc": 1.0, **(loss_weights or {})}
         visual = self.encode_images(images, image_sizes, mvm_prob)
         hidden = self.fuse(input_ids, attention_mask, visual, image_index)
         text_len = input_ids.shape[1]
@@ -202,8 +219,23 @@ class SohoModel(nn.Module):
             loss_mvm, acc_mvm, num_mvm = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros(()), 0
 
         loss = weights["mlm"] * loss_mlm + weights["mvm"] * loss_mvm + weights["itm"] * loss_itm
+        loss_itc = acc_itc = None
+        if self.itc_head is not None:
+            # Matched captions against every image of the batch (a mismatched one's own image is
+            # not in the batch record). The text pass sees the same MLM-masked words.
+            pos = (itm_labels == 1).nonzero().squeeze(1)
+            if pos.numel():
+                texts = self.itc_head.embed_text(self.text_cls(input_ids[pos], attention_mask[pos]))
+                images_e = self.itc_head.embed_image(self.pool(visual))
+                match = image_index[pos][None, :] == torch.arange(images.shape[0], device=images.device)[:, None]
+                loss_itc, acc_itc, _ = self.itc_head.loss(images_e, texts, match, itc_temperature)
+            else:  # no matched caption in the batch: a zero loss that still reaches every ITC weight (DDP)
+                loss_itc = sum(p.sum() for p in self.itc_head.parameters()) * 0.0
+                acc_itc = loss_itc.detach()
+            loss = loss + weights["itc"] * loss_itc
         return PretrainOutput(loss=loss, loss_mlm=loss_mlm, loss_mvm=loss_mvm, loss_itm=loss_itm,
-                              acc_itm=acc_itm, acc_mlm=acc_mlm, acc_mvm=acc_mvm.float(), num_mvm=num_mvm)
+                              acc_itm=acc_itm, acc_mlm=acc_mlm, acc_mvm=acc_mvm.float(), num_mvm=num_mvm,
+                              loss_itc=loss_itc, acc_itc=acc_itc)
 
     def forward(self, *args, **kwargs) -> PretrainOutput:
         """Same as :meth:`pretrain_forward`, so DDP's wrapper can call the model directly."""

@@ -1,4 +1,5 @@
-"""Pre-training: MLM + MVM + ITM on image-caption shards (``soho pretrain``)."""
+"""Pre-training: MLM + MVM + ITM (+ ITC where the model has the head) on image-caption shards
+(``soho pretrain``)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ class PretrainModel(TaskModel):
         self.trunk = SohoModel(cfg.model, vocab_size)
         self.mvm_prob = cfg.pretrain.mvm_image_prob
         self.loss_weights = dict(cfg.pretrain.loss_weights)
+        self.itc_temperature = cfg.pretrain.itc_temperature
 
     def forward(self, **batch: torch.Tensor) -> StepOutput:
-        out = self.trunk.pretrain_forward(**batch, mvm_prob=self.mvm_prob, loss_weights=self.loss_weights)
+        out = self.trunk.pretrain_forward(**batch, mvm_prob=self.mvm_prob, loss_weights=self.loss_weights,
+                                          itc_temperature=self.itc_temperature)
         num_mvm = torch.as_tensor(float(out.num_mvm), device=out.loss.device)
-        stats = {name: mean_stat(getattr(out, name))
-                 for name in ("loss_mlm", "loss_mvm", "loss_itm", "acc_itm", "acc_mlm")}
+        names = ["loss_mlm", "loss_mvm", "loss_itm", "acc_itm", "acc_mlm"]
+        names += ["loss_itc", "acc_itc"] if out.loss_itc is not None else []
+        stats = {name: mean_stat(getattr(out, name)) for name in names}
         stats["acc_mvm"] = (out.acc_mvm.detach().float() * num_mvm, num_mvm)
         return StepOutput(out.loss, stats)
 

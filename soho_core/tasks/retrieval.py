@@ -33,6 +33,7 @@ from torch import nn
 from soho_core.config import SohoConfig
 from soho_core.data.loader import stream
 from soho_core.data.transforms import pad_batch
+from soho_core.models.heads import ITCHead
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
 from soho_core.tasks.metrics import retrieval_metrics
 from soho_core.tasks.single_image import GroupedBatch, GroupedCollator, task_trunk
@@ -58,37 +59,30 @@ class ImageFeatures:
 
 
 class RetrievalModel(TaskModel):
-    """Trunk with its pre-trained ITM head, plus the two ITC projections (new at fine-tuning)."""
+    """Trunk with its pre-trained ITM head, plus the ITC head: the pre-trained one where the trunk
+    has it (``model.itc_dim`` > 0), else a new one."""
 
     def __init__(self, cfg: SohoConfig, vocab_size: int):
         super().__init__()
-        self.trunk = task_trunk(cfg, vocab_size, keep_itm=True)
-        self.image_proj = nn.Linear(self.trunk.dim, EMBED_DIM)
-        self.text_proj = nn.Linear(self.trunk.dim, EMBED_DIM)
+        self.trunk = task_trunk(cfg, vocab_size, keep_itm=True, keep_itc=True)
+        self.new_itc = ITCHead(self.trunk.dim, EMBED_DIM) if self.trunk.itc_head is None else None
         self.temperature = cfg.finetune.itc_temperature
 
+    @property
+    def itc(self) -> ITCHead:
+        return self.trunk.itc_head if self.new_itc is None else self.new_itc
+
     def head_parameters(self) -> list[nn.Parameter]:
-        return [*self.image_proj.parameters(), *self.text_proj.parameters()]
+        return list(self.new_itc.parameters()) if self.new_itc is not None else []
 
     def encode_images(self, images: torch.Tensor, image_sizes: torch.Tensor) -> ImageFeatures:
         """images (B, 3, H, W), image_sizes (B, 2): the one CNN pass per image."""
         visual = self.trunk.encode_images(images, image_sizes)
-        valid = visual.mask.unsqueeze(-1).to(visual.tokens.dtype)
-        pooled = (visual.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
-        return ImageFeatures(visual.tokens, visual.mask, F.normalize(self.image_proj(pooled).float(), dim=-1))
+        return ImageFeatures(visual.tokens, visual.mask, self.itc.embed_image(self.trunk.pool(visual)))
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(T, L) -> (T, E) unit ITC embeddings from the [CLS] of a text-only pass.
-
-        The pass is the fusion encoder given zero visual tokens rather than ``fusion.bert(...)``:
-        the same embeddings and the same additive key mask as the fused pass (not transformers'
-        mask helpers, whose API moves between releases), so the text stream is computed by one
-        code path in both, and the weights are shared.
-        """
-        none = self.trunk.fusion.word_embedding_weight.new_zeros(input_ids.shape[0], 0, self.trunk.dim)
-        empty = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
-        cls = self.trunk.fusion(input_ids, attention_mask, none, empty)[:, 0]
-        return F.normalize(self.text_proj(cls).float(), dim=-1)
+        """(T, L) -> (T, E) unit ITC embeddings from the [CLS] of a text-only pass."""
+        return self.itc.embed_text(self.trunk.text_cls(input_ids, attention_mask))
 
     def match_logits(self, input_ids, attention_mask, tokens, mask) -> torch.Tensor:
         """Pairs already gathered: (P, L) text, (P, N, d) tokens, (P, N) mask -> (P, 2) ITM logits."""
@@ -112,8 +106,7 @@ class RetrievalModel(TaskModel):
         feats = self.encode_images(images, image_sizes)
         texts = self.embed_texts(input_ids, attention_mask)
         match = targets.t()  # (B, T)
-        logits = feats.embeds @ texts.t() / self.temperature  # (B, T)
-        loss_itc = (multi_positive_nce(logits, match) + multi_positive_nce(logits.t(), match.t())) / 2
+        loss_itc, acc_itc, logits = self.itc.loss(feats.embeds, texts, match, self.temperature)  # logits (B, T)
 
         # Pairs for ITM: the T positives, a hard caption for each one's image, a hard image for
         # each caption. A row without any non-matching candidate keeps a placeholder pair at
@@ -128,17 +121,9 @@ class RetrievalModel(TaskModel):
                                 feats.tokens[image_idx], feats.mask[image_idx])
         loss_itm = (F.cross_entropy(itm, labels, reduction="none") * weight).sum() / weight.sum()
         acc_itm = ((itm.detach().argmax(1) == labels).float() * weight).sum() / weight.sum()
-        acc_itc = match.t().gather(1, logits.detach().t().argmax(1, keepdim=True)).float().mean()
         return StepOutput(loss_itc + loss_itm, {
             "loss_itc": mean_stat(loss_itc), "loss_itm": mean_stat(loss_itm), "acc_itm": mean_stat(acc_itm),
             "acc_itc": mean_stat(acc_itc), "hard_negatives": mean_stat(weight[len(every):].mean())})
-
-
-def multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """InfoNCE of (Q, C) logits whose rows may have several positives (an image's captions): the
-    cross-entropy against the uniform distribution over each row's positives."""
-    target = positive.float() / positive.sum(1, keepdim=True).clamp(min=1)
-    return -(logits.float().log_softmax(1) * target).sum(1).mean()
 
 
 def _draw(logits: torch.Tensor, excluded: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:

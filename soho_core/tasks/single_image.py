@@ -96,7 +96,7 @@ def classifier_head(dim: int, num_outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_outputs))
 
 
-def task_trunk(cfg: SohoConfig, vocab_size: int, keep_itm: bool = False) -> SohoModel:
+def task_trunk(cfg: SohoConfig, vocab_size: int, keep_itm: bool = False, keep_itc: bool = False) -> SohoModel:
     """The shared trunk without the pre-training heads a task does not use (DDP requires every
     parameter to get a gradient)."""
     trunk = SohoModel(cfg.model, vocab_size)
@@ -105,6 +105,8 @@ def task_trunk(cfg: SohoConfig, vocab_size: int, keep_itm: bool = False) -> Soho
     trunk.mvm_mask_embedding = None
     if not keep_itm:
         trunk.itm_head = None
+    if not keep_itc:
+        trunk.itc_head = None
     return trunk
 
 
