@@ -210,8 +210,9 @@ def demo() -> SohoConfig:
     c = _from_scratch("demo", image=128, width=256, heads=4, dict_size=256)
     c.model.dictionary.decay_ramp_steps = 200
     c.data.num_workers = 1
-    # A lower rate on the transformer than on the CNN keeps it from locking onto text priors.
-    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 1e-4, 1e-2, 50
+    # A lower rate on the transformer than on the CNN keeps it from locking onto text priors; with
+    # the ITC head, 3e-4 beat 1e-4 (600 steps: ITM accuracy 0.69 vs 0.61, MLM loss 1.27 vs 1.73).
+    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 3e-4, 1e-2, 50
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 600, 20, 200
     c.finetune.max_steps = 300
     return c
