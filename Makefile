@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[all]'
 	touch $(STAMP)
 
+# The whole Kubeflow pipeline on this machine (kfp.local): synthetic data -> shards -> pre-training
+# (torchrun) -> fine-tuning and evaluation of every task -> report. Ends with the report's path
+# and every task's metric.
 demo: $(STAMP)
-	$(VENV)/bin/soho data synth --out $(DEMO)/synthetic --num-images 2000 --seed 0
-	$(VENV)/bin/soho data shard --source synthetic --input $(DEMO)/synthetic --out $(DEMO)/shards
-	$(VENV)/bin/soho pretrain --config demo --data $(DEMO)/shards --out $(DEMO)/pretrain
-	@echo "demo outputs: $(DEMO)/synthetic (dataset), $(DEMO)/shards (webdataset shards), $(DEMO)/pretrain (checkpoints/, metrics.jsonl, config.json)"
+	$(VENV)/bin/soho pipeline run --local --preset demo --work-dir $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -2,8 +2,11 @@
 
     soho data synth --out DIR --num-images 2000 --seed 0
     soho data shard --source synthetic --input DIR --out SHARDS
+    soho data download --dataset vqa2 --out /data/vqa2
+    soho data shard --source vqa2 --input /data/vqa2 --images /data/coco --out s3://bucket/shards
     soho pretrain --config demo --data SHARDS --out RUN [--set optim.lr=3e-4] [--max-steps N]
     torchrun --nproc-per-node 2 -m soho_core pretrain --config tiny --data SHARDS --out RUN
+    soho pipeline compile --out pipeline.yaml | run --local --preset demo | submit --host URL
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import sys
 
 from soho_core.config import PRESETS, ConfigError, load_config
+from soho_core.data.download import DATASETS as DOWNLOADABLE, USER_PROVIDED
+from soho_core.data.readers import SOURCES as OFFICIAL_SOURCES
 from soho_core.data.shards import TASKS
 from soho_core.tasks.catalog import DOWNSTREAM
 
@@ -32,16 +37,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-objects", type=int, default=4)
 
     sh = data.add_parser("shard", help="write webdataset shards + index.json")
-    sh.add_argument("--source", required=True, choices=["synthetic"])
-    sh.add_argument("--input", required=True, help="the source dataset folder or URI")
+    sh.add_argument("--source", required=True, choices=["synthetic", *OFFICIAL_SOURCES])
+    sh.add_argument("--input", required=True, help="the source dataset folder or URI (karpathy: its dataset_*.json)")
     sh.add_argument("--out", required=True, help="shard root folder or URI")
-    sh.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks to shard (default: all: {','.join(TASKS)})")
+    sh.add_argument("--tasks", help=f"comma-separated tasks to shard (default: synthetic: all: {','.join(TASKS)}; "
+                                    "coco, vg: pretrain; vqa2: vqa; nlvr2: nlvr2; snli-ve: ve; karpathy: retrieval)")
     sh.add_argument("--shard-max-count", type=int, default=10_000, help="samples per shard at most")
     sh.add_argument("--shard-max-mb", type=int, default=256, help="megabytes per shard at most")
+    sh.add_argument("--images", help="official sources: the image root (default: --input)")
+    sh.add_argument("--image-pattern", action="append", default=[], metavar="PATTERN",
+                    help="official sources: image path under --images, e.g. '{split}/COCO_{split}_{id:012d}.jpg' "
+                         "(repeatable, tried in order; fields per source in soho_core/data/readers.py)")
+    sh.add_argument("--splits", help="official sources: OUT=SOURCE[+SOURCE],... e.g. train=train2014,val=val2014")
+    sh.add_argument("--max-missing", type=float, default=0.0,
+                    help="official sources: fraction of samples that may lack an image file (skipped, counted)")
+    sh.add_argument("--answer-vocab-size", type=int, default=3129, help="vqa: answers kept, most frequent first")
+    sh.add_argument("--workers", type=int, default=1, help="official sources: processes writing shards")
+
+    dl = data.add_parser("download", help="fetch an official dataset (resumable, size-checked, safe extraction)")
+    dl.add_argument("--dataset", required=True, choices=[*DOWNLOADABLE, *USER_PROVIDED])
+    dl.add_argument("--out", required=True, help="folder or URI (a remote one is staged locally, then uploaded)")
+    dl.add_argument("--retries", type=int, default=5)
+    dl.add_argument("--keep-archives", action="store_true", help="keep the zip files after extracting them")
 
     ft = sub.add_parser("finetune", help="fine-tune on a downstream task (single process or under torchrun)")
     ft.add_argument("--task", required=True, choices=DOWNSTREAM)
-    _add_config_args(ft)
+    _add_config_args(ft, default=None)
     ft.add_argument("--init", help="pre-training run folder or checkpoint file (omit to start from scratch)")
     ft.add_argument("--data", required=True, help="shard root written by `soho data shard`")
     ft.add_argument("--out", required=True, help="run folder or URI")
@@ -76,11 +97,39 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--data", required=True, help="shard root written by `soho data shard`")
     pt.add_argument("--out", required=True, help="run folder or URI: checkpoints/, metrics.jsonl, config.json")
     pt.add_argument("--max-steps", type=int, help="shortcut for --set train.max_steps=N")
+
+    _add_pipeline_args(sub)
     return p
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
-    p.add_argument("--config", default=default, help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
+def _add_pipeline_args(sub) -> None:
+    pl = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit").add_subparsers(
+        dest="pipeline_command", required=True)
+    c = pl.add_parser("compile", help="write the pipeline YAML to upload in the Kubeflow UI")
+    c.add_argument("--out", default="pipeline.yaml")
+    r = pl.add_parser("run", help="run the whole DAG on this machine (kfp.local, synthetic data, torchrun)")
+    r.add_argument("--local", action="store_true", required=True, help="run here (the only mode; use submit for a cluster)")
+    r.add_argument("--preset", default="demo", help=f"config preset ({', '.join(PRESETS)})")
+    r.add_argument("--work-dir", default="pipeline-out", help="folder for the store (data, runs, report) and KFP outputs")
+    r.add_argument("--tasks", help=f"comma-separated downstream tasks (default: all: {','.join(DOWNSTREAM)})")
+    r.add_argument("--procs", type=int, default=1, help="torchrun processes for pre-training")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every training, after the local defaults (repeatable)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, e.g. --param num_images=500 (repeatable)")
+    s = pl.add_parser("submit", help="submit a run to a Kubeflow Pipelines endpoint")
+    s.add_argument("--host", required=True, help="URL of the KFP API, e.g. https://kubeflow.example.com/pipeline")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, e.g. --param store_root=s3://soho --param nodes=2 (repeatable)")
+    s.add_argument("--experiment", default="soho")
+    s.add_argument("--run-name", default="")
+    s.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    s.add_argument("--package", help="a compiled pipeline YAML to submit instead of compiling now")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+    where = f"default {default}" if default else "default: the --init run's own config, else tiny"
+    p.add_argument("--config", default=default, help=f"a preset ({', '.join(PRESETS)}) or a YAML file ({where})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
 
@@ -103,12 +152,31 @@ def _run(args: argparse.Namespace) -> int:
                               min_objects=args.min_objects, max_objects=args.max_objects)
         print(json.dumps({"out": args.out, "counts": manifest["counts"]}))
         return 0
-    if args.command == "data" and args.data_command == "shard":
-        from soho_core.data.shards import shard_synthetic
+    if args.command == "data" and args.data_command == "download":
+        from soho_core.data.download import DownloadError, download
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        indexes = shard_synthetic(args.input, args.out, tasks, max_count=args.shard_max_count,
-                                  max_bytes=args.shard_max_mb << 20)
+        try:
+            print(json.dumps(download(args.dataset, args.out, retries=args.retries, keep_archives=args.keep_archives)))
+        except DownloadError as err:  # network or check failure: rerun to resume
+            print(f"soho: download failed: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "data" and args.data_command == "shard":
+        from soho_core.data.shards import shard_source, shard_synthetic
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+        if args.source == "synthetic":
+            indexes = shard_synthetic(args.input, args.out, tasks or TASKS, max_count=args.shard_max_count,
+                                      max_bytes=args.shard_max_mb << 20)
+        else:
+            from soho_core.data.readers import ReaderOptions, parse_splits
+
+            options = ReaderOptions(args.input, images=args.images, image_pattern=tuple(args.image_pattern),
+                                    splits=parse_splits(args.splits) if args.splits else None,
+                                    max_missing=args.max_missing)
+            indexes = shard_source(args.source, options, args.out, tasks, max_count=args.shard_max_count,
+                                   max_bytes=args.shard_max_mb << 20, answer_vocab_size=args.answer_vocab_size,
+                                   workers=args.workers)
         for task, index in indexes.items():
             counts = {s: v["num_samples"] for s, v in index["splits"].items()}
             print(json.dumps({"task": task, "out": f"{args.out.rstrip('/')}/{task}", "num_samples": counts}))
@@ -127,9 +195,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "finetune":
         overrides = list(args.set) + ([f"finetune.max_steps={args.max_steps}"] if args.max_steps else [])
-        cfg = load_config(args.config, overrides)
         from soho_core.tasks.catalog import get_task
-        from soho_core.train.engine import train
+        from soho_core.train.engine import run_config, train
+
+        if args.config is None and args.init:
+            # Fine-tune with the settings the model was pre-trained with (its image size above all).
+            cfg = run_config(args.init, overrides)
+        else:
+            cfg = load_config(args.config or "tiny", overrides)
 
         result = train(get_task(args.task), cfg, args.data, args.out, init=args.init)
         if _is_main():
@@ -156,6 +229,29 @@ def _run(args: argparse.Namespace) -> int:
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
         print(format_table(table))
+        return 0
+    if args.command == "pipeline":
+        return _run_pipeline(args)
+    raise AssertionError(args)
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from soho_core.pipeline import runner
+
+    if args.pipeline_command == "compile":
+        print(json.dumps({"out": runner.compile_pipeline(args.out)}))
+        return 0
+    if args.pipeline_command == "run":
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+        result = runner.run_local(args.work_dir, preset=args.preset, overrides=args.set, tasks=tasks,
+                                  procs=args.procs, params=runner.parse_params(args.param))
+        print(f"\npipeline finished in {result.seconds / 60:.1f} min; report: {result.report_uri}\n")
+        print(runner.format_summary(result.summary))
+        return 0
+    if args.pipeline_command == "submit":
+        run_id = runner.submit(args.host, runner.parse_params(args.param), experiment=args.experiment,
+                               run_name=args.run_name, namespace=args.namespace, package=args.package)
+        print(json.dumps({"host": args.host, "run_id": run_id}))
         return 0
     raise AssertionError(args)
 

@@ -266,6 +266,11 @@ def load_config(preset_or_file: str = "tiny", overrides: list[str] | None = None
         _merge(cfg, data, prefix="")
     else:
         raise ConfigError(f"config {preset_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: SohoConfig, overrides: list[str] | None) -> SohoConfig:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) in place, validate, return ``cfg``."""
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -9,6 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# Set by the pipeline for its training processes (soho_core.pipeline.steps.tracking_env): the
+# pipeline run id, which is also the wandb group of every training of that run.
+PIPELINE_RUN_ID = "SOHO_PIPELINE_RUN_ID"
+WANDB_GROUP = "WANDB_RUN_GROUP"  # wandb's own variable: wandb.init() reads it too
+WANDB_PROJECT = "WANDB_PROJECT"
+
 
 @dataclass(frozen=True)
 class RuntimeEnv:
@@ -18,6 +24,8 @@ class RuntimeEnv:
     torchelastic_restart: int = 0  # how many times torchrun restarted this worker group
     wandb_api_key_set: bool = False  # the key itself is never kept
     pipeline_run_id: str = ""
+    wandb_group: str = ""
+    wandb_project: str = ""
 
 
 def runtime_env() -> RuntimeEnv:
@@ -28,5 +36,7 @@ def runtime_env() -> RuntimeEnv:
         local_rank=int(e.get("LOCAL_RANK", "0")),
         torchelastic_restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
         wandb_api_key_set=bool(e.get("WANDB_API_KEY")),
-        pipeline_run_id=e.get("SOHO_PIPELINE_RUN_ID", ""),
+        pipeline_run_id=e.get(PIPELINE_RUN_ID, ""),
+        wandb_group=e.get(WANDB_GROUP, ""),
+        wandb_project=e.get(WANDB_PROJECT, ""),
     )

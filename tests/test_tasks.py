@@ -100,6 +100,16 @@ def vqa_run(tiny_pretrained, task_shards, tmp_path_factory):
     return out
 
 
+def test_finetune_without_config_keeps_the_pretraining_runs_settings(vqa_run, tiny_pretrained):
+    """--init without --config: the pre-training run's settings (image size, ...) are the base, so
+    a model pre-trained at one resolution is not fine-tuned at another."""
+    pre = json.loads((Path(tiny_pretrained) / "config.json").read_text())
+    ft = json.loads((Path(vqa_run) / "config.json").read_text())
+    assert pre["train"]["log_every"] == 2 != load_config("tiny").train.log_every  # set by the fixture
+    assert ft["train"]["log_every"] == 2 and ft["data"] == pre["data"]
+    assert ft["finetune"]["max_steps"] == 2  # --max-steps still applies
+
+
 def test_predict_answers_a_question_about_an_image_file(vqa_run, synthetic_dir, capsys):
     image = next((Path(synthetic_dir) / "images").iterdir())
     capsys.readouterr()

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from soho_core import storage
 from soho_core.config import SohoConfig
-from soho_core.data.shards import load_index, shard_urls
+from soho_core.data.shards import IMAGE_EXTENSIONS, load_index, shard_urls
 from soho_core.data.transforms import decode_image
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,24 @@ class WorkerRandom:
         return self._gen
 
 
+def image_member(sample: dict[str, Any], slot: str) -> bytes:
+    """The bytes of image ``slot`` ("png", "left.png") stored under any image extension
+    ("jpg", "left.jpeg", ...): shards keep each file's own encoding."""
+    if slot in sample:
+        return sample[slot]
+    stem = slot.rpartition(".")[0]
+    for ext in IMAGE_EXTENSIONS:
+        name = f"{stem}.{ext}" if stem else ext
+        if name in sample:
+            return sample[name]
+    raise KeyError(f"sample has no image {slot!r} under any of the extensions {', '.join(IMAGE_EXTENSIONS)}")
+
+
 def decode_sample(sample: dict[str, Any], cfg: SohoConfig, image_keys: tuple[str, ...]) -> dict[str, Any]:
     """Raw tar sample -> {"key", "record" (the json), "images": [uint8 (3, h, w), ...]}."""
     return {"key": sample["__key__"], "record": json.loads(sample["json"]),
-            "images": [decode_image(sample[k], cfg.data.image_min, cfg.data.image_max) for k in image_keys]}
+            "images": [decode_image(image_member(sample, k), cfg.data.image_min, cfg.data.image_max)
+                       for k in image_keys]}
 
 
 def stream(data_uri: str, task: str, split: str, cfg: SohoConfig, seed: int, train: bool,

@@ -10,18 +10,38 @@ Layout written under OUT::
                                         "answer_vocab": [...] or null}
 
 ``index.json`` is written last: a task folder without one is incomplete.
+
+Official sources (``--source coco|vg|vqa2|nlvr2|snli-ve|karpathy``, read by
+:mod:`soho_core.data.readers`; :func:`shard_source`) add, in the same task folders::
+
+    OUT/<task>/<split>-<source>-00000.tar        samples keyed "<split>-<id>"; the image bytes as found,
+                                                 named by slot and the file's extension ("jpg" for COCO,
+                                                 "left.png"/"right.png" for NLVR2); loaders accept any
+    OUT/<task>/<split>-<source>-00000.tar.json   sidecar: fingerprint, num_samples, num_texts, num_skipped
+    OUT/<task>/index-<source>.json               that source's splits and reading stats
+    OUT/<task>/index.json                        all sources merged; splits also hold "num_skipped", and
+                                                 "sources" the per-source stats (records, dropped, missing)
+
+    soho data shard --source coco --input /data/coco --out s3://bucket/shards
+    soho data shard --source vg --input /data/vg --out s3://bucket/shards   # joins coco in pretrain/
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections import defaultdict
 from typing import Any, Iterable
 
 import webdataset as wds
 
 from soho_core import storage
+
+# Extensions an image member of a shard may carry (PIL decodes each by its content).
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+log = logging.getLogger(__name__)
 
 FORMAT = "soho-shards"
 VERSION = 1
@@ -172,4 +192,209 @@ def shard_synthetic(input_uri: str, out_uri: str, tasks: Iterable[str] = TASKS, 
 
             vocab = build_answer_vocab(train_answers, answer_vocab_size)
         out[task] = write_index(task_uri, task, "synthetic", splits, answer_vocab=vocab)
+    return out
+
+
+# --- official sources: planned, resumable, parallel ---------------------------------------------
+#
+# Shards of an official source are planned before anything is written: samples in reader order,
+# cut by count and by byte size (image sizes come from the directory listings). Each shard has a
+# fingerprint of what goes into it. A shard is written to a temporary file and published whole
+# (os.replace locally, one upload on object stores), then its sidecar ``<name>.json`` (fingerprint,
+# counts) is written: the sidecar marks a complete shard, and a re-run skips every shard whose
+# sidecar has the same fingerprint. Per-source indexes ``index-<source>.json`` are merged into
+# ``index.json`` last, so COCO and VG shards can share the ``pretrain`` folder.
+
+
+def _plan(items: list[tuple[Any, dict[str, tuple[str, int]]]], max_count: int, max_bytes: int) -> list[list]:
+    shards: list[list] = []
+    count = size = 0
+    for sample, images in items:
+        n = sum(sz for _, sz in images.values()) + len(json.dumps(sample.record)) + 1024  # + tar headers
+        if not shards or count >= max_count or (count and size + n > max_bytes):
+            shards.append([])
+            count = size = 0
+        shards[-1].append((sample.key, sample.record, {m: uri for m, (uri, _) in images.items()},
+                           [sz for _, sz in images.values()]))
+        count += 1
+        size += n
+    return shards
+
+
+def _fingerprint(items: list) -> str:
+    import hashlib
+
+    blob = json.dumps([FORMAT, VERSION, items], sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def check_image(data: bytes) -> None:
+    """Raise unless ``data`` is an image PIL can fully decode, of at least 1x1 and within PIL's
+    decompression-bomb limit. JPEGs decode at 1/8 scale (``draft``): still every byte is read."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width < 1 or im.height < 1:
+            raise ValueError(f"image is {im.width}x{im.height}")
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+
+def _texts_of(record: dict[str, Any]) -> int:
+    return len(next(record[k] for k in ("captions", "questions", "hypotheses", "statements") if k in record))
+
+
+def member_for(slot: str, uri: str) -> str:
+    """The tar member name of an image: its slot ("png", "left.png") with the file's own
+    extension, so a JPEG is stored as ``jpg`` (the loader accepts any image extension)."""
+    ext = uri.rsplit("/", 1)[-1].rpartition(".")[2].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        return slot
+    stem = slot.rpartition(".")[0]
+    return f"{stem}.{ext}" if stem else ext
+
+
+def write_planned_shard(task_uri: str, name: str, items: list, fingerprint: str) -> dict[str, Any]:
+    """Write one planned shard and its sidecar; an unreadable or undecodable image skips its
+    sample (counted in the sidecar). Returns the sidecar. Top-level so worker processes can run it."""
+    import os
+    import tempfile
+
+    storage.register_webdataset_openers()
+    local = storage.is_local(task_uri)
+    dest = storage.join(task_uri, name)
+    if local:
+        folder = task_uri[len("file://"):] if task_uri.startswith("file://") else task_uri
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder if local else None)
+    skipped: list[list[str]] = []
+    num_samples = num_texts = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            for key, record, images, _ in items:
+                sample: dict[str, Any] = {"__key__": key}
+                try:
+                    for member, uri in images.items():
+                        data = storage.read_bytes(uri)
+                        check_image(data)
+                        sample[member_for(member, uri)] = data
+                except Exception as err:  # a corrupt image must not stop a long job: skip and count
+                    skipped.append([key, f"{uri}: {type(err).__name__}: {err}"[:300]])
+                    continue
+                sample["json"] = json.dumps(record).encode("utf-8")
+                writer.write(sample)
+                num_samples += 1
+                num_texts += _texts_of(record)
+            writer.close()
+        if local:
+            os.replace(tmp, dest[len("file://"):] if dest.startswith("file://") else dest)
+        else:
+            fs, path = storage.fs_and_path(dest)
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    sidecar = {"fingerprint": fingerprint, "num_samples": num_samples, "num_texts": num_texts,
+               "num_skipped": len(skipped), "skipped": skipped[:50]}
+    storage.write_json_atomic(f"{dest}.json", sidecar)
+    if skipped:
+        log.warning("%s: skipped %d unreadable sample(s), first: %s", dest, len(skipped), skipped[0][1])
+    return sidecar
+
+
+def _read_sidecar(uri: str) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(uri) if storage.exists(uri) else None
+    except (ValueError, OSError):
+        return None  # a damaged sidecar: the shard is rewritten
+
+
+def _merge_source_indexes(task_uri: str, task: str, answer_vocab: list[str] | None) -> dict[str, Any]:
+    fs, path = storage.fs_and_path(task_uri)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/index-*.json"))
+    parts = {n[len("index-"):-len(".json")]: storage.read_json(storage.join(task_uri, n)) for n in names}
+    splits: dict[str, dict[str, Any]] = {}
+    for part in parts.values():
+        for split, v in part["splits"].items():
+            into = splits.setdefault(split, {"shards": [], "num_samples": 0, "num_texts": 0, "num_skipped": 0})
+            into["shards"] += v["shards"]
+            for k in ("num_samples", "num_texts", "num_skipped"):
+                into[k] += v.get(k, 0)
+    index = {"format": FORMAT, "version": VERSION, "task": task, "source": "+".join(parts), "splits": splits,
+             "answer_vocab": answer_vocab, "sources": {s: p["stats"] for s, p in parts.items()}}
+    storage.write_json_atomic(storage.join(task_uri, "index.json"), index)
+    return index
+
+
+def shard_source(source: str, options, out_uri: str, tasks: Iterable[str] | None = None, max_count: int = 10_000,
+                 max_bytes: int = 256 << 20, answer_vocab_size: int = 3129, workers: int = 1) -> dict[str, dict[str, Any]]:
+    """Shard an official source (see :mod:`soho_core.data.readers`) into OUT/<task>/; returns {task: index}.
+
+    Annotations are parsed and every image is looked up before the first shard is written
+    (bad input fails here, naming the file). Shards are ``<split>-<source>-NNNNN.tar``;
+    complete ones from an earlier run with the same content are skipped; ``workers`` > 1
+    writes shards in that many processes.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from soho_core.data import readers
+
+    tasks = list(tasks or readers.DEFAULT_TASKS.get(source, ()))
+    if source not in readers.SOURCES:
+        raise ValueError(f"unknown source {source!r}; valid: synthetic, {', '.join(readers.SOURCES)}")
+    for task in tasks:
+        if task not in readers.ALLOWED_TASKS[source]:
+            raise ValueError(f"source {source!r} cannot make {task!r} shards; it makes: "
+                             f"{', '.join(readers.ALLOWED_TASKS[source])}")
+    if max_count < 1 or max_bytes < 1 or workers < 1:
+        raise ValueError(f"max_count={max_count}, max_bytes={max_bytes}, workers={workers}: each must be >= 1")
+    samples, stats = readers.read_source(source, options)
+    resolved = readers.resolve_images(samples, readers.image_root(options), options.max_missing, stats)
+    by_split: dict[str, list] = {}
+    for sample, images in resolved:
+        by_split.setdefault(sample.split, []).append((sample, images))
+    vocab = None
+    if "vqa" in tasks:
+        from soho_core.tasks.metrics import build_answer_vocab
+
+        pool = by_split.get("train") or [x for xs in by_split.values() for x in xs]
+        vocab = build_answer_vocab((q["answers"] for s, _ in pool for q in s.record["questions"]), answer_vocab_size)
+    read_stats = {"records": stats.records, "dropped": dict(stats.dropped), "missing_images": stats.missing_images}
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        task_uri = storage.join(out_uri, task)
+        for stale in ("index.json", f"index-{source}.json"):
+            if storage.exists(storage.join(task_uri, stale)):
+                fs, p = storage.fs_and_path(storage.join(task_uri, stale))
+                fs.rm(p)  # from here until the end, this task folder is incomplete
+        jobs, sidecars = [], {}
+        plan = {split: _plan(items, max_count, max_bytes) for split, items in sorted(by_split.items())}
+        for split, shards in plan.items():
+            for i, items in enumerate(shards):
+                name = f"{split}-{source}-{i:05d}.tar"
+                fp = _fingerprint(items)
+                done = _read_sidecar(storage.join(task_uri, f"{name}.json"))
+                if done is not None and done.get("fingerprint") == fp and storage.exists(storage.join(task_uri, name)):
+                    sidecars[name] = done
+                else:
+                    jobs.append((task_uri, name, items, fp))
+        log.info("%s/%s: %d shard(s) to write, %d already complete", source, task, len(jobs), len(sidecars))
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+                for job, sidecar in zip(jobs, ex.map(write_planned_shard, *zip(*jobs))):
+                    sidecars[job[1]] = sidecar
+        else:
+            for job in jobs:
+                sidecars[job[1]] = write_planned_shard(*job)
+        splits = {}
+        for split, shards in plan.items():
+            names = [f"{split}-{source}-{i:05d}.tar" for i in range(len(shards))]
+            splits[split] = {"shards": names,
+                             **{k: sum(sidecars[n][k] for n in names) for k in ("num_samples", "num_texts", "num_skipped")}}
+        storage.write_json_atomic(storage.join(task_uri, f"index-{source}.json"),
+                                  {"source": source, "splits": splits, "stats": read_stats})
+        out[task] = _merge_source_indexes(task_uri, task, vocab if task == "vqa" else None)
     return out

@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from soho_core import storage
-from soho_core.config import ConfigError, SohoConfig, config_from_dict, set_value
+from soho_core.config import ConfigError, SohoConfig, apply_overrides, config_from_dict
 from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
@@ -55,6 +54,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
+
+
+def run_config(checkpoint: str, overrides: list[str] | None = None) -> SohoConfig:
+    """The config a run folder or checkpoint file was trained with, ``overrides`` applied."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    return apply_overrides(config_from_dict(state["config"]), overrides)
 
 
 def model_config_for(task: Task, cfg: SohoConfig, init_state: dict[str, Any] | None) -> SohoConfig:
@@ -234,10 +239,7 @@ def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, s
     shard_urls(task_uri, index, split)
     info = init_distributed("auto")
     model, cfg, tokenizer = load_task_model(task, checkpoint, info.device)
-    for item in overrides or []:
-        key, _, raw = item.partition("=")
-        set_value(cfg, key.strip(), yaml.safe_load(raw))
-    cfg.validate()
+    apply_overrides(cfg, overrides)
     result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
     report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics}
     if out_file:

@@ -1,0 +1,11 @@
+"""KFP v2 components, one file per pipeline step. Each holds only its signature and a
+docstring; the work is done by :mod:`soho_core.pipeline.steps` and :mod:`soho_core.report`.
+
+Every component runs the one image below, tagged with the package version, so a
+compiled pipeline always names the image built from the same code.
+"""
+
+import soho_core
+
+# The image built from docker/ for this version of the package (CI pushes it on release).
+IMAGE = f"ghcr.io/soho-kubeflow/soho:{soho_core.__version__}"

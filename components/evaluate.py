@@ -1,0 +1,23 @@
+"""The evaluation step of one task: metrics.json beside the checkpoint, and KFP Metrics."""
+
+from typing import List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Metrics, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(task: str, checkpoint: str, shards: str, metrics: Output[Metrics], overrides: List[str] = [],
+             split: str = "test") -> NamedTuple("Outputs", [("metrics_uri", str)]):
+    """Evaluates the run's latest checkpoint on ``split``; logs every metric as ``<task>/<name>``."""
+    from collections import namedtuple
+
+    from soho_core.pipeline.steps import evaluate as run
+
+    uri, report = run(task, checkpoint, shards, overrides, split=split)
+    for name, value in report["metrics"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(f"{task}/{name}", float(value))
+    return namedtuple("Outputs", ["metrics_uri"])(uri)

@@ -1,0 +1,13 @@
+"""The shard step: one task's webdataset shards + index.json under the store."""
+
+from kfp import dsl
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def shard(dataset: str, store_root: str, task: str, shard_max_count: int = 10000) -> str:
+    """Returns the shard root URI (``<root>/<task>/index.json`` is written last)."""
+    from soho_core.pipeline.steps import shard_task
+
+    return shard_task(dataset, store_root, task, shard_max_count=shard_max_count)

@@ -1,0 +1,194 @@
+"""What each pipeline step does; the KFP components in ``components/`` only call these.
+
+    data      prepare_data(source, store_root, ...)          -> dataset URI
+    shard     shard_task(dataset, store_root, task)          -> shard root URI
+    pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob", ...)
+    finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
+    evaluate  evaluate(task, checkpoint, shards, overrides)  -> metrics.json contents (+ its URI)
+    report    soho_core.report.write_report(...)
+
+Every location is a URI under ``store_root`` (a local folder or ``s3://...``): datasets and
+shards by their content (same source and size, same place: cacheable and shared between
+runs), training runs by pipeline run id (``runs/<run id>/<step>``). Steps are idempotent
+so a retried step is safe: data and shards already complete are kept (``manifest.json``
+and ``index.json`` are written last), training resumes from its latest checkpoint.
+
+The run id is also the wandb group (``WANDB_RUN_GROUP``, with ``WANDB_PROJECT`` and
+``SOHO_PIPELINE_RUN_ID``), set in the training processes' environment.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from soho_core import storage
+from soho_core.data.shards import TASKS
+
+LAUNCHERS = ("torchrun", "pytorchjob")
+SOURCES = ("synthetic",)
+
+
+def _check_task(task: str, valid: Sequence[str]) -> None:
+    if task not in valid:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(valid)}")
+
+
+def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int) -> str:
+    return storage.join(store_root, "datasets", f"synthetic-n{num_images}-s{seed}-px{image_size}")
+
+
+def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int = 0, image_size: int = 128,
+                 min_objects: int = 2, max_objects: int = 4) -> str:
+    """The data step: render the synthetic world (``source="synthetic"``), or check that
+    ``source`` is the URI of a dataset written by ``soho data synth``; returns its URI."""
+    if source == "synthetic":
+        out = dataset_uri(store_root, num_images, seed, image_size)
+        if storage.exists(storage.join(out, "manifest.json")):
+            print(f"dataset already complete at {out}", flush=True)
+            return out
+        from soho_core.data.synthetic import synthesize
+
+        manifest = synthesize(out, num_images=num_images, seed=seed, image_size=image_size,
+                              min_objects=min_objects, max_objects=max_objects)
+        print(json.dumps({"out": out, "counts": manifest["counts"]}), flush=True)
+        return out
+    if "://" in source or source.startswith("/"):
+        if not storage.exists(storage.join(source, "manifest.json")):
+            raise FileNotFoundError(f"data source {source!r} has no manifest.json: it is not a dataset written "
+                                    f"by `soho data synth`")
+        return source
+    raise ValueError(f"data source {source!r} is neither one of {', '.join(SOURCES)} nor a dataset URI")
+
+
+def shard_task(dataset: str, store_root: str, task: str, shard_max_count: int = 10_000) -> str:
+    """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``;
+    returns the shard root (the folder holding every task's folder)."""
+    _check_task(task, TASKS)
+    root = storage.join(store_root, "shards", dataset.rstrip("/").rsplit("/", 1)[-1])
+    if storage.exists(storage.join(root, task, "index.json")):
+        print(f"shards of {task} already complete under {root}", flush=True)
+        return root
+    from soho_core.data.shards import shard_synthetic
+
+    index = shard_synthetic(dataset, root, [task], max_count=shard_max_count)[task]
+    print(json.dumps({"task": task, "out": storage.join(root, task),
+                      "num_samples": {s: v["num_samples"] for s, v in index["splits"].items()}}), flush=True)
+    return root
+
+
+def run_uri(store_root: str, run_id: str, step: str) -> str:
+    if not run_id:
+        raise ValueError("run_id is empty: every training run is stored under runs/<run id>/")
+    return storage.join(store_root, "runs", run_id, step)
+
+
+def tracking_env(run_id: str, wandb_project: str) -> dict[str, str]:
+    """Plain (non-secret) settings handed to the training processes: the pipeline run id is the
+    wandb group, so all of a run's trainings appear together. The engine writes metrics.jsonl;
+    wandb picks these up once the tracking code reads them."""
+    from soho_core import env as names
+
+    env = {names.PIPELINE_RUN_ID: run_id, names.WANDB_GROUP: run_id}
+    if wandb_project:
+        env[names.WANDB_PROJECT] = wandb_project
+    return env
+
+
+def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: Sequence[str] = (),
+             launcher: str = "torchrun", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
+             image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
+             cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = "soho-s3",
+             wandb_secret: str = "soho-wandb") -> str:
+    """The pre-training step: the same ``soho pretrain`` command, under torchrun here or as a
+    PyTorchJob of ``nodes`` x ``procs_per_node`` on the cluster. Returns the run's URI."""
+    from soho_core.config import load_config
+    from soho_core.launch import soho_args
+
+    load_config(preset, list(overrides))  # a bad preset or override fails here, before any launch
+    out = run_uri(store_root, run_id, "pretrain")
+    args = soho_args("pretrain", preset, shards, out, overrides)
+    env = tracking_env(run_id, wandb_project)
+    if launcher == "torchrun":
+        if nodes != 1:
+            raise ValueError(f"nodes={nodes}: the torchrun launcher runs on this machine only (nodes=1)")
+        from soho_core.launch.local import run_torchrun
+
+        run_torchrun(args, procs=procs_per_node, timeout_s=timeout_s, env=env)
+    elif launcher == "pytorchjob":
+        if not image:
+            raise ValueError("launcher='pytorchjob' needs the image the job's pods run")
+        from soho_core.launch.pytorchjob import JobSpec, build_pytorchjob, job_name
+        from soho_core.launch.watch import run_job
+
+        api = kubernetes_api()
+        spec = JobSpec(name=job_name("soho-pretrain", run_id), namespace=namespace or current_namespace(),
+                       image=image, soho_args=args, nodes=nodes, procs_per_node=procs_per_node,
+                       gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
+                       s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
+                       labels={"soho/pipeline-run": job_name("r", run_id)[2:]})
+        run_job(api, build_pytorchjob(spec), timeout_s=timeout_s)
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    return out
+
+
+def kubernetes_api():
+    """``CustomObjectsApi`` with the pod's service account, or ~/.kube/config outside a cluster."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def current_namespace() -> str:
+    """The namespace this pod runs in (the pipeline's profile namespace)."""
+    try:
+        with open(_NAMESPACE_FILE) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        raise ValueError(f"no namespace given and {_NAMESPACE_FILE} is missing (not in a pod): "
+                         f"pass the namespace explicitly") from None
+
+
+def finetune(task: str, preset: str, shards: str, init: str, store_root: str, run_id: str,
+             overrides: Sequence[str] = (), procs: int = 1, wandb_project: str = "",
+             timeout_s: float = 7 * 86400) -> str:
+    """The fine-tuning step of one task, under torchrun in the step's own pod (or here).
+    Returns the run's URI."""
+    from soho_core.config import load_config
+    from soho_core.launch import soho_args
+    from soho_core.launch.local import run_torchrun
+    from soho_core.tasks.catalog import DOWNSTREAM
+
+    _check_task(task, DOWNSTREAM)
+    load_config(preset, list(overrides))
+    out = run_uri(store_root, run_id, task)
+    run_torchrun(soho_args("finetune", preset, shards, out, overrides, init=init, task=task),
+                 procs=max(1, procs), timeout_s=timeout_s, env=tracking_env(run_id, wandb_project))
+    return out
+
+
+def evaluation_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides evaluation accepts (``data.*``, ``finetune.*``); the model is the checkpoint's."""
+    return [o for o in overrides if o.startswith(("data.", "finetune."))]
+
+
+def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] = (),
+             split: str = "test") -> tuple[str, dict[str, Any]]:
+    """The evaluation step: writes ``<checkpoint run>/metrics.json``; returns (its URI, its contents)."""
+    from soho_core.tasks.catalog import DOWNSTREAM, get_task
+    from soho_core.train.engine import evaluate as run_evaluation
+
+    _check_task(task, DOWNSTREAM)
+    out = storage.join(checkpoint, "metrics.json")
+    report = run_evaluation(get_task(task), checkpoint, shards, out, split=split,
+                            overrides=evaluation_overrides(overrides))
+    print(json.dumps(report), flush=True)
+    return out, report

@@ -1,0 +1,241 @@
+"""The Kubeflow pipeline: it compiles with no credential in the YAML, its DAG has the
+promised shape (fan-out, caching, retries, secrets, resources), its arguments are checked
+before work, the report reads what training and evaluation write, and the whole DAG runs
+on this machine under kfp.local."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soho_core import __version__
+from soho_core.pipeline import runner, steps
+from soho_core.report import write_report
+
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0123456", "AWS_SECRET_ACCESS_KEY": "fake/secret+Key0123456789",
+                    "WANDB_API_KEY": "0123456789abcdef0123456789abcdeffakewandb"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    for k, v in FAKE_CREDENTIALS.items():
+        mp.setenv(k, v)
+    out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    from soho_core.cli import main
+
+    assert main(["pipeline", "compile", "--out", str(out)]) == 0
+    mp.undo()
+    text = out.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_yaml_holds_no_credential(compiled):
+    text = compiled[0]
+    for name, value in FAKE_CREDENTIALS.items():
+        assert value not in text, f"the value of {name} leaked into the compiled pipeline"
+
+
+def test_every_step_runs_the_versioned_image(compiled):
+    _, spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    names = {k.removeprefix("exec-") for k in executors}
+    assert {"data", "shard", "pretrain", "finetune", "evaluate", "report"} <= names
+    assert {e["container"]["image"] for e in executors.values()} == {f"ghcr.io/soho-kubeflow/soho:{__version__}"}
+
+
+def _tasks(spec):
+    """Every task of the DAG and its sub-DAGs, by task name (``shard`` appears twice)."""
+    found = {}
+    for comp in [spec["root"], *spec["components"].values()]:
+        for name, task in comp.get("dag", {}).get("tasks", {}).items():
+            found.setdefault(name, []).append(task)
+    return found
+
+
+def test_dag_shape_caching_and_retries(compiled):
+    _, spec, _ = compiled
+    tasks = _tasks(spec)
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"data", "shard", "pretrain", "soho-downstream"}
+    assert root["pretrain"]["inputs"]["parameters"]["shards"]["taskOutputParameter"]["producerTask"] == "shard"
+    loop = next(t for ts in tasks.values() for t in ts if "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("tasks")
+    ev = tasks["evaluate"][0]["inputs"]["parameters"]
+    assert ev["checkpoint"]["taskOutputParameter"]["producerTask"] == "finetune"
+    report = tasks["report"][0]["inputs"]["parameters"]["metrics_uris"]
+    assert report["taskOutputParameter"]["producerTask"].startswith("for-loop")  # dsl.Collected
+    # Data preparation is cached, training and evaluation are not; I/O steps retry.
+    for name in ("data", "shard"):
+        assert all(t["cachingOptions"].get("enableCache") for t in tasks[name])
+        assert all(t["retryPolicy"]["maxRetryCount"] == 3 for t in tasks[name])
+    for name in ("pretrain", "finetune", "evaluate", "report"):
+        assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks[name])
+    assert tasks["report"][0]["retryPolicy"]["maxRetryCount"] == 3
+    assert "retryPolicy" not in tasks["pretrain"][0] and "retryPolicy" not in tasks["finetune"][0]
+
+
+def test_parameters_are_typed(compiled):
+    params = compiled[1]["root"]["inputDefinitions"]["parameters"]
+    expect = {"data_source": "STRING", "store_root": "STRING", "preset": "STRING", "nodes": "NUMBER_INTEGER",
+              "gpus_per_node": "NUMBER_INTEGER", "tasks": "LIST", "wandb_project": "STRING", "overrides": "LIST"}
+    for name, kind in expect.items():
+        assert params[name]["parameterType"] == kind, name
+    assert params["tasks"]["defaultValue"] == ["vqa", "nlvr2", "retrieval", "ve"]
+
+
+def test_secrets_resources_and_shm(compiled):
+    _, spec, platform = compiled
+    for name in ("data", "shard", "pretrain", "finetune", "evaluate", "report"):
+        envs = {e["envVar"] for s in platform[f"exec-{name}"]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs, name
+    for name in ("pretrain", "finetune"):
+        assert "WANDB_API_KEY" in {e["envVar"] for s in platform[f"exec-{name}"]["secretAsEnv"] for e in s["keyToEnv"]}
+    ft = platform["exec-finetune"]
+    assert ft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
+    acc = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]["accelerator"]
+    assert acc["resourceType"] == "nvidia.com/gpu" and "gpus_per_node" in acc["resourceCount"]
+
+
+def test_parse_params_types_and_names():
+    got = runner.parse_params(["nodes=2", "tasks=vqa, ve", "store_root=s3://b/x", "overrides=train.max_steps=5"])
+    assert got == {"nodes": 2, "tasks": ["vqa", "ve"], "store_root": "s3://b/x", "overrides": ["train.max_steps=5"]}
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'node'.*nodes"):
+        runner.parse_params(["node=2"])
+    with pytest.raises(ValueError, match="nodes='two'"):
+        runner.parse_params(["nodes=two"])
+    with pytest.raises(ValueError, match="name=value"):
+        runner.parse_params(["nodes"])
+
+
+def test_local_arguments_fail_before_work(tmp_path):
+    args = runner.local_arguments("tiny", str(tmp_path), ["train.max_steps=3"], tasks=["vqa"])
+    assert args["launcher"] == "torchrun" and args["tasks"] == ["vqa"] and args["overrides"][-1] == "train.max_steps=3"
+    with pytest.raises(ValueError, match="preset 'huge'"):
+        runner.local_arguments("huge", str(tmp_path))
+    with pytest.raises(ValueError, match="task 'vqa2'"):
+        runner.local_arguments("tiny", str(tmp_path), tasks=["vqa2"])
+    with pytest.raises(ValueError, match="optim.lrr"):
+        runner.local_arguments("tiny", str(tmp_path), ["optim.lrr=1"])
+
+
+class FakeKfpClient:
+    def __init__(self):
+        self.calls = []
+
+    def create_run_from_pipeline_func(self, func, **kw):
+        self.calls.append(("func", func, kw))
+        return type("Run", (), {"run_id": "run-1"})()
+
+    def create_run_from_pipeline_package(self, path, **kw):
+        self.calls.append(("package", path, kw))
+        return type("Run", (), {"run_id": "run-2"})()
+
+
+def test_submit_builds_the_client_call(tmp_path):
+    """No KFP server here: the call kfp.Client receives is checked instead."""
+    client = FakeKfpClient()
+    params = runner.parse_params(["store_root=s3://soho", "nodes=2", "gpus_per_node=8", "preset=res18"])
+    assert runner.submit("https://kfp.example.com", params, run_name="r", client=client) == "run-1"
+    kind, func, kw = client.calls[0]
+    assert kind == "func" and func.name == "soho"
+    assert kw["arguments"] == params and kw["run_name"] == "r" and kw["experiment_name"] == "soho"
+    assert runner.submit("http://kfp:8888", {}, package=str(tmp_path / "p.yaml"), client=client) == "run-2"
+    with pytest.raises(ValueError, match="kfp.example.com"):
+        runner.submit("kfp.example.com", {}, client=client)
+
+
+def test_steps_reject_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="data source 'imagenet'"):
+        steps.prepare_data("imagenet", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        steps.prepare_data(str(tmp_path), str(tmp_path))
+    with pytest.raises(ValueError, match="unknown task 'vqa2'"):
+        steps.shard_task(str(tmp_path), str(tmp_path), "vqa2")
+    with pytest.raises(ValueError, match="run_id is empty"):
+        steps.run_uri(str(tmp_path), "", "pretrain")
+    assert steps.evaluation_overrides(["train.max_steps=3", "finetune.eval_max_images=4", "data.num_workers=0"]) == [
+        "finetune.eval_max_images=4", "data.num_workers=0"]
+
+
+def test_shard_step_is_idempotent(synthetic_dir, tmp_path):
+    root = steps.shard_task(str(synthetic_dir), str(tmp_path), "ve", shard_max_count=40)
+    index = Path(root) / "ve" / "index.json"
+    stamp = index.stat().st_mtime_ns
+    assert steps.shard_task(str(synthetic_dir), str(tmp_path), "ve") == root
+    assert index.stat().st_mtime_ns == stamp  # a retried or cached step keeps complete shards
+
+
+def _metrics_file(folder: Path, task: str, value: float, samples=None) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    primary = {"vqa": "vqa_score", "ve": "accuracy"}[task]
+    (folder / "metrics.json").write_text(json.dumps({"task": task, "split": "test", "num_examples": 10,
+                                                     "metrics": {primary: value}, "samples": samples or []}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+    return str(folder / "metrics.json")
+
+
+def test_report_compares_with_the_previous_run(tmp_path, synthetic_dir):
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 9.0 - s, "loss_mlm": 4.0, "vd_usage": 0.5, "vd_perplexity": 20.0}) + "\n"
+        for s in (10, 20, 30)))
+    image_id = json.loads((synthetic_dir / "vqa.jsonl").read_text().splitlines()[0])["image_id"]
+    sample = {"image_id": image_id, "question": "what color is it", "prediction": "red", "probability": 0.9,
+              "answers": ["red"] * 10}
+    history = str(tmp_path / "reports" / "latest.json")
+    first = write_report(str(tmp_path / "r1"), str(pre), [_metrics_file(tmp_path / "vqa", "vqa", 0.5, [sample]),
+                                                         _metrics_file(tmp_path / "ve", "ve", 0.4)],
+                         dataset=str(synthetic_dir), run_id="run-1", history_uri=history)
+    assert "first run" in first.markdown
+    for png in ("pretrain_loss.png", "dictionary_usage.png", "dictionary_perplexity.png", "finetune_loss.png",
+                f"samples/{image_id}.png"):
+        assert (tmp_path / "r1" / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"]({png})" in first.markdown
+    assert "what color is it" in first.markdown and "data:image/png;base64," in first.markdown_inline
+
+    second = write_report(str(tmp_path / "r2"), str(pre), [_metrics_file(tmp_path / "vqa2", "vqa", 0.75),
+                                                          _metrics_file(tmp_path / "ve2", "ve", 0.3)],
+                          run_id="run-2", history_uri=history)
+    assert "| vqa | test | 10 | vqa_score | 0.7500 | +0.2500 |" in second.markdown
+    assert "| ve | test | 10 | accuracy | 0.3000 | -0.1000 |" in second.markdown
+    assert "against run `run-1`" in second.markdown
+    assert json.loads(Path(history).read_text())["run_id"] == "run-2"
+
+
+@pytest.mark.slow
+def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
+    """The cluster's DAG under kfp.local at the tiny preset: synthetic data, shards, torchrun
+    pre-training, two fine-tuned and evaluated tasks (the fan-out), the report."""
+    from soho_core.cli import main
+
+    work = tmp_path / "work"
+    code = main(["pipeline", "run", "--local", "--preset", "tiny", "--work-dir", str(work), "--tasks", "vqa,nlvr2",
+                 "--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", "finetune.max_steps=4",
+                 "--param", "seed=3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    (report,) = (work / "store" / "runs").glob("*/report/report.md")
+    assert f"report: {report}" in out
+    assert "| vqa | test |" in out and "| nlvr2 | test |" in out
+    run = report.parent.parent
+    summary = json.loads((report.parent / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"vqa", "nlvr2"} and summary["run_id"] == run.name
+    for task in ("vqa", "nlvr2"):
+        assert json.loads((run / task / "metrics.json").read_text())["task"] == task
+        assert (run / task / "checkpoints" / "latest.json").exists()
+    steps_logged = [json.loads(l)["step"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [2, 4]
+    assert (report.parent / "pretrain_loss.png").exists()
+    # KFP's own outputs: the evaluation Metrics and the Markdown artifact the UI renders.
+    kfp_root = work / "kfp"
+    logged = {}
+    for path in kfp_root.rglob("executor_output.json"):
+        for art in json.loads(path.read_text()).get("artifacts", {}).get("metrics", {}).get("artifacts", []):
+            logged.update(art.get("metadata", {}))
+    assert {"vqa/vqa_score", "nlvr2/accuracy"} <= set(logged)
+    (md,) = [p for p in kfp_root.rglob("markdown") if p.is_file()]
+    assert md.read_text().startswith("# SOHO pipeline report")
