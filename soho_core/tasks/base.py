@@ -8,6 +8,7 @@ initialises any task's trunk from the ``trunk.*`` weights of a pre-training chec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -16,6 +17,23 @@ from torch import nn
 
 from soho_core.config import SohoConfig
 from soho_core.models import SohoModel
+
+
+class TensorBatch:
+    """What task batches (dataclasses) share: ``_TENSORS`` names the fields the model takes, in
+    the model's keyword names; the other fields (ids, raw entries, skip counts) stay on the host."""
+
+    _TENSORS: tuple[str, ...] = ()
+
+    def to(self, device: torch.device):
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device, non_blocking=True) for k in self._TENSORS})
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._TENSORS}
+
+    @property
+    def num_texts(self) -> int:
+        return self.input_ids.shape[0]
 
 
 @dataclass

@@ -12,7 +12,7 @@ tasks, and runs once per image: statements point at their two images by row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
 from soho_core.data.transforms import pad_batch
-from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, classification_output, evaluate_classifier
+from soho_core.tasks.base import (EvalResult, StepOutput, Task, TaskModel, TensorBatch, classification_output,
+                                  evaluate_classifier)
 from soho_core.tasks.single_image import classifier_head, task_trunk
 
 IMAGE_KEYS = ("left.png", "right.png")
@@ -44,7 +45,7 @@ def statement_of(entry: dict[str, Any]) -> str:
 
 
 @dataclass
-class PairBatch:
+class PairBatch(TensorBatch):
     images: torch.Tensor  # (2P, 3, H, W) float, normalised and padded: pair p's left at 2p, right at 2p + 1
     image_sizes: torch.Tensor  # (2P, 2) long valid (height, width)
     input_ids: torch.Tensor  # (S, L) long
@@ -59,19 +60,6 @@ class PairBatch:
     skipped: int = 0
 
     _TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "left_index", "right_index", "targets")
-
-    def to(self, device: torch.device) -> "PairBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in self._TENSORS:
-            values[k] = values[k].to(device, non_blocking=True)
-        return PairBatch(**values)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self._TENSORS}
-
-    @property
-    def num_texts(self) -> int:
-        return self.input_ids.shape[0]
 
 
 class PairCollator:

@@ -7,7 +7,7 @@ CNN runs once per image and the texts are paired with it by ``image_index``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -18,11 +18,11 @@ from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
 from soho_core.data.transforms import pad_batch
 from soho_core.models import SohoModel
-from soho_core.tasks.base import TaskModel
+from soho_core.tasks.base import TaskModel, TensorBatch
 
 
 @dataclass
-class GroupedBatch:
+class GroupedBatch(TensorBatch):
     images: torch.Tensor  # (B, 3, H, W) float, normalised and padded
     image_sizes: torch.Tensor  # (B, 2) long valid (height, width)
     input_ids: torch.Tensor  # (T, L) long
@@ -35,19 +35,6 @@ class GroupedBatch:
     skipped: int = 0
 
     _TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "image_index", "targets")
-
-    def to(self, device: torch.device) -> "GroupedBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in self._TENSORS:
-            values[k] = values[k].to(device, non_blocking=True)
-        return GroupedBatch(**values)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self._TENSORS}
-
-    @property
-    def num_texts(self) -> int:
-        return self.input_ids.shape[0]
 
 
 class GroupedCollator:
