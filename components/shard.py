@@ -7,7 +7,9 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shard(dataset: str, store_root: str, task: str, shard_max_count: int = 10000) -> str:
-    """Returns the shard root URI (``<root>/<task>/index.json`` is written last)."""
+    """Returns the shard root URI (``<root>/<task>/index.json`` is written last). ``dataset`` is
+    the data step's output: the synthetic world, or the official datasets (sharded with the
+    task's readers: COCO and VG for pretrain, VQA v2, Karpathy COCO, NLVR2, SNLI-VE)."""
     from soho_core.pipeline.steps import shard_task
 
     return shard_task(dataset, store_root, task, shard_max_count=shard_max_count)

@@ -101,13 +101,17 @@ def build_pipeline(parallelism: int = 0):
         wandb_secret: str = "soho-wandb",
         pretrain_timeout_s: int = 604800,
     ) -> str:
-        """Returns the URI of the run's report.md. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
+        """Returns the URI of the run's report.md. ``data_source`` is ``synthetic`` (the built-in
+        world; ``num_images``, ``image_size``, ``min_objects``, ``max_objects`` and ``seed`` size it),
+        ``official`` (download COCO, VG, VQA v2, Karpathy, NLVR2, SNLI-VE as the tasks need into
+        ``store_root``; NLVR2 and Flickr30K images are user-provided) or the URI of a dataset already
+        in place. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
         ``overrides`` are ``a.b=c`` config settings for every training (e.g. ``train.max_steps=100``);
         ``launcher`` is ``pytorchjob`` on a cluster, ``torchrun`` on one machine."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the run's id: its folder in the store and its wandb group
 
         data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
-                         image_size=image_size, min_objects=min_objects, max_objects=max_objects)
+                         image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks)
         _io_step(data_task, s3_secret, cache=True).set_display_name("data")
 
         shard_pretrain = shard(dataset=data_task.output, store_root=store_root, task="pretrain")

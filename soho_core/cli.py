@@ -5,7 +5,7 @@
     soho data download --dataset vqa2 --out /data/vqa2
     soho data shard --source vqa2 --input /data/vqa2 --images /data/coco --out s3://bucket/shards
     soho pretrain --config demo --data SHARDS --out RUN [--set optim.lr=3e-4] [--max-steps N]
-    torchrun --nproc-per-node 2 -m soho_core pretrain --config tiny --data SHARDS --out RUN
+    soho pretrain --config tiny --data SHARDS --out RUN --nproc-per-node 2   # torchrun, elastic restarts
     soho pipeline compile --out pipeline.yaml | run --local --preset demo | submit --host URL
 """
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, help="shard root written by `soho data shard`")
     ft.add_argument("--out", required=True, help="run folder or URI")
     ft.add_argument("--max-steps", type=int, help="shortcut for --set finetune.max_steps=N")
+    _add_launch_args(ft)
 
     ev = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json")
     ev.add_argument("--task", required=True, choices=("pretrain", *DOWNSTREAM))
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--data", required=True, help="shard root written by `soho data shard`")
     pt.add_argument("--out", required=True, help="run folder or URI: checkpoints/, metrics.jsonl, config.json")
     pt.add_argument("--max-steps", type=int, help="shortcut for --set train.max_steps=N")
+    _add_launch_args(pt)
 
     _add_pipeline_args(sub)
     return p
@@ -124,7 +126,17 @@ def _add_pipeline_args(sub) -> None:
     s.add_argument("--experiment", default="soho")
     s.add_argument("--run-name", default="")
     s.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    s.add_argument("--service-account", default="",
+                   help="Kubernetes service account the run's pods use (default: the installation's runner)")
     s.add_argument("--package", help="a compiled pipeline YAML to submit instead of compiling now")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="start N training processes here with torchrun's elastic launcher (gloo on CPU, one "
+                        "GPU each); a failed process restarts the group, which resumes from the latest checkpoint")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="R",
+                   help="with --nproc-per-node: restarts of the process group before giving up (default 3)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
@@ -135,13 +147,24 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "tiny") -
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "nproc_per_node", None) is not None:
+            return _launch(argv, args.nproc_per_node, args.max_restarts)
         return _run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, PermissionError, ValueError) as err:  # bad input: before work
         print(f"soho: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:  # the store or the data failed mid-way: rerun to resume
+        from soho_core.data.loader import DataUnavailableError
+        from soho_core.data.shards import ShardWriteError
+
+        if not isinstance(err, (ShardWriteError, DataUnavailableError)):
+            raise
+        print(f"soho: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -250,10 +273,34 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         return 0
     if args.pipeline_command == "submit":
         run_id = runner.submit(args.host, runner.parse_params(args.param), experiment=args.experiment,
-                               run_name=args.run_name, namespace=args.namespace, package=args.package)
+                               run_name=args.run_name, namespace=args.namespace, package=args.package,
+                               service_account=args.service_account)
         print(json.dumps({"host": args.host, "run_id": run_id}))
         return 0
     raise AssertionError(args)
+
+
+def _launch(argv: list[str], procs: int, max_restarts: int) -> int:
+    """Re-run this command under torchrun with ``procs`` workers and elastic restarts."""
+    from soho_core.launch.local import LocalRunError, run_torchrun
+
+    if procs < 1:
+        raise ValueError(f"--nproc-per-node {procs}: must be >= 1")
+    inner: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc-per-node", "--max-restarts"):
+            skip = True
+        elif not arg.startswith(("--nproc-per-node=", "--max-restarts=")):
+            inner.append(arg)
+    try:
+        run_torchrun(inner, procs=procs, max_restarts=max_restarts)
+    except LocalRunError as err:
+        print(f"soho: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _is_main() -> bool:

@@ -93,6 +93,9 @@ class DataConfig:
     sentence_group: int = 4  # captions paired with each image in a batch (release: 4)
     num_workers: int = 2
     shuffle_buffer: int = 500
+    # Unreadable shards in a row are retried with back-off; after this long without one readable
+    # sample the stream fails (the store is gone or every shard is broken) instead of spinning.
+    unreadable_timeout_s: float = 600.0
 
 
 LOSSES = frozenset({"mlm", "mvm", "itm", "itc"})
@@ -139,8 +142,14 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
+    # "auto": bf16 autocast on a GPU that has it, else fp16 with a gradient scaler; fp32 on CPU
+    # (bf16 on CPU is faster on AVX512-BF16/AMX machines but changes what the small presets learn:
+    # set it explicitly). Or "fp32", "bf16", "fp16" (CUDA only).
+    precision: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda"
+    grad_accum: int = 1  # micro-batches of data.images_per_batch per optimizer step
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    wandb: bool = True  # log to wandb from rank 0 (offline without WANDB_API_KEY; WANDB_MODE=disabled: off)
 
 
 @dataclass
@@ -391,6 +400,7 @@ def _validate(c: SohoConfig) -> None:
     need(dc.images_per_batch >= 1, "data.images_per_batch", "must be >= 1")
     need(dc.sentence_group >= 1, "data.sentence_group", "must be >= 1")
     need(dc.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(dc.unreadable_timeout_s > 0, "data.unreadable_timeout_s", "must be > 0")
     p = c.pretrain
     for key in ("mlm_prob", "mvm_image_prob", "itm_neg_prob"):
         need(0.0 <= getattr(p, key) <= 1.0, f"pretrain.{key}", "must be in [0, 1]")
@@ -420,7 +430,8 @@ def _validate(c: SohoConfig) -> None:
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    need(t.precision in ("auto", "bf16", "fp32"), "train.precision", "must be 'auto', 'bf16' or 'fp32'")
+    need(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", "must be 'auto', 'bf16', 'fp16' or 'fp32'")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'")
 
 

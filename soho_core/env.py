@@ -14,6 +14,10 @@ from dataclasses import dataclass
 PIPELINE_RUN_ID = "SOHO_PIPELINE_RUN_ID"
 WANDB_GROUP = "WANDB_RUN_GROUP"  # wandb's own variable: wandb.init() reads it too
 WANDB_PROJECT = "WANDB_PROJECT"
+WANDB_MODE = "WANDB_MODE"  # wandb's own: "offline", "online", "disabled"
+# Fault tests only: "STEP:SECONDS" pauses halfway through writing step STEP's checkpoint, so a
+# test can kill the writer mid-write.
+FAULT_CHECKPOINT_PAUSE = "SOHO_FAULT_CHECKPOINT_PAUSE"
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class RuntimeEnv:
     pipeline_run_id: str = ""
     wandb_group: str = ""
     wandb_project: str = ""
+    wandb_mode: str = ""
+    fault_checkpoint_pause: tuple[int, float] | None = None
 
 
 def runtime_env() -> RuntimeEnv:
@@ -39,4 +45,16 @@ def runtime_env() -> RuntimeEnv:
         pipeline_run_id=e.get(PIPELINE_RUN_ID, ""),
         wandb_group=e.get(WANDB_GROUP, ""),
         wandb_project=e.get(WANDB_PROJECT, ""),
+        wandb_mode=e.get(WANDB_MODE, ""),
+        fault_checkpoint_pause=_step_and_seconds(e.get(FAULT_CHECKPOINT_PAUSE, "")),
     )
+
+
+def _step_and_seconds(value: str) -> tuple[int, float] | None:
+    if not value:
+        return None
+    try:
+        step, seconds = value.split(":")
+        return int(step), float(seconds)
+    except ValueError:
+        raise ValueError(f"{FAULT_CHECKPOINT_PAUSE}={value!r}: expected STEP:SECONDS, e.g. 8:30") from None

@@ -256,3 +256,14 @@ def test_readme_lists_every_download_url():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert url_table() in readme
+
+
+def test_download_to_a_missing_bucket_fails_before_fetching(server, tmp_path, s3_server):
+    import boto3
+
+    server.files["/train.json"] = b'{"identifier": "train-1-0-0"}\n'
+    table = {"mini": (dl.Resource(f"{server.url}/train.json", "train.json"),)}
+    with pytest.raises(FileNotFoundError, match="S3 bucket 'no-such-bucket' does not exist"):
+        dl.download("mini", "s3://no-such-bucket/raw/mini", sources=table, staging=str(tmp_path / "stage"))
+    assert server.requests == [] and not (tmp_path / "stage").exists()
+    assert [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]] == ["soho"]

@@ -12,6 +12,7 @@ import yaml
 from soho_core import __version__
 from soho_core.pipeline import runner, steps
 from soho_core.report import write_report
+from test_readers import coco, vqa  # noqa: F401  (fixtures: small official-format trees)
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0123456", "AWS_SECRET_ACCESS_KEY": "fake/secret+Key0123456789",
                     "WANDB_API_KEY": "0123456789abcdef0123456789abcdeffakewandb"}
@@ -61,6 +62,9 @@ def test_dag_shape_caching_and_retries(compiled):
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == {"data", "shard", "pretrain", "soho-downstream"}
     assert root["pretrain"]["inputs"]["parameters"]["shards"]["taskOutputParameter"]["producerTask"] == "shard"
+    data_inputs = root["data"]["inputs"]["parameters"]
+    assert data_inputs["source"]["componentInputParameter"] == "data_source"
+    assert data_inputs["tasks"]["componentInputParameter"] == "tasks"  # what "official" downloads
     loop = next(t for ts in tasks.values() for t in ts if "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("tasks")
     ev = tasks["evaluate"][0]["inputs"]["parameters"]
@@ -239,3 +243,67 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     assert {"vqa/vqa_score", "nlvr2/accuracy"} <= set(logged)
     (md,) = [p for p in kfp_root.rglob("markdown") if p.is_file()]
     assert md.read_text().startswith("# SOHO pipeline report")
+
+
+def _zip_folder(folder: Path) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+    return buf.getvalue()
+
+
+def test_official_data_is_downloaded_into_the_store_and_sharded_per_task(coco, vqa, tmp_path):  # noqa: F811
+    """data_source="official": the data step downloads (from a local HTTP server here) what the
+    tasks need into the store; each shard step shards its task with the official readers."""
+    from soho_core.data import download as dl
+    from soho_core.data.shards import load_index
+    from test_download import Server
+    from test_readers import jpeg, write_json
+
+    vg, karpathy = tmp_path / "vg", tmp_path / "karpathy"
+    write_json(vg / "region_descriptions.json", [{"id": i, "regions": [{"region_id": i, "image_id": i, "phrase": p}]}
+                                                 for i, p in ((1, "a tree"), (2, "a red car"))])
+    jpeg(vg / "VG_100K" / "1.jpg")
+    jpeg(vg / "VG_100K_2" / "2.jpg")
+    write_json(karpathy / "dataset_coco.json", {"images": [
+        {"filepath": f, "filename": f"COCO_{f}_{i:012d}.jpg", "cocoid": i, "split": s,
+         "sentences": [{"raw": f"picture {i}"}]} for f, i, s in (("train2014", 9, "train"), ("val2014", 42, "test"))]})
+    store = tmp_path / "store"
+    with Server() as server:
+        table = {}
+        for name, folder in (("coco", coco), ("vqa2", vqa), ("vg", vg), ("karpathy", karpathy)):
+            server.files[f"/{name}.zip"] = _zip_folder(folder)
+            table[name] = (dl.Resource(f"{server.url}/{name}.zip", f"{name}.zip", extract=True),)
+        table["nlvr2"] = (dl.Resource(f"{server.url}/nlvr2.json", "train.json"),)
+        with pytest.raises(dl.UserProvidedError, match=r"task 'nlvr2' needs images .*store/datasets/official/nlvr2"):
+            steps.prepare_data("official", str(store), tasks=["nlvr2"], download_sources=table)
+        assert server.requests == []  # refused before any download
+        dataset = steps.prepare_data("official", str(store), tasks=["vqa", "retrieval"], download_sources=table)
+        assert dataset == str(store / "datasets" / "official")
+        assert sorted(p.name for p in Path(dataset).iterdir()) == ["coco", "karpathy", "official.json", "vg", "vqa2"]
+        n = len(server.requests)
+        assert steps.prepare_data("official", str(store), tasks=["vqa", "retrieval"], download_sources=table) == dataset
+        assert len(server.requests) == n  # a retried step downloads nothing again
+
+    root = steps.shard_task(dataset, str(store), "pretrain", shard_max_count=2)
+    assert root == str(store / "shards" / "official")
+    _, index = load_index(root, "pretrain")
+    assert index["source"] == "coco+vg" and index["splits"]["train"]["num_samples"] == 4 + 2  # train2014 + VG
+    _, index = load_index(steps.shard_task(dataset, str(store), "vqa"), "vqa")
+    assert {s: v["num_texts"] for s, v in index["splits"].items()} == {"train": 12, "test": 6}
+    assert index["answer_vocab"][:2] == ["2", "yes"]
+    _, index = load_index(steps.shard_task(dataset, str(store), "retrieval"), "retrieval")
+    assert {s: v["num_samples"] for s, v in index["splits"].items()} == {"train": 1, "test": 1}
+    stamp = (Path(root) / "pretrain" / "index.json").stat().st_mtime_ns
+    assert steps.shard_task(dataset, str(store), "pretrain") == root
+    assert (Path(root) / "pretrain" / "index.json").stat().st_mtime_ns == stamp  # complete: kept
+
+    # The same folder, already downloaded, named by URI: checked, not downloaded again
+    assert steps.prepare_data(dataset, str(tmp_path / "other"), tasks=["vqa"]) == dataset
+    with pytest.raises(FileNotFoundError, match=r"neither .* official layout: .*/nothing/coco is missing"):
+        steps.prepare_data(str(tmp_path / "nothing"), str(store), tasks=["vqa"])

@@ -335,3 +335,33 @@ def test_image_members_keep_their_own_extension():
     assert image_member({"right.webp": b"b"}, "right.png") == b"b"
     with pytest.raises(KeyError, match="left.png"):
         image_member({"right.png": b"c"}, "left.png")
+
+
+def test_vg_regions_are_streamed_not_read_whole(tmp_path):
+    """region_descriptions.json is 1.5 GB: the reader yields images while the file is still being
+    read, in memory bounded by a chunk and an item; a file that goes bad later fails there,
+    naming the file."""
+    import tracemalloc
+
+    from soho_core.data.readers import CHUNK_BYTES, ReadStats, read_vg
+
+    vg = tmp_path / "vg"
+    vg.mkdir()
+    item = lambda i: {"id": i, "regions": [{"region_id": 10 * i + k, "image_id": i, "phrase": f"thing {k} of image {i}",
+                                             "x": 0, "y": 0, "width": 5, "height": 5} for k in range(20)]}  # noqa: E731
+    with open(vg / "region_descriptions.json", "w") as f:
+        f.write("[" + ", ".join(json.dumps(item(i)) for i in range(4000)) + ", {oops")  # ~7 MB, then broken
+    size = (vg / "region_descriptions.json").stat().st_size
+    assert size > 6 * CHUNK_BYTES
+    samples = read_vg(ReaderOptions(str(vg)), ("VG_100K/{id}.jpg",), {"train": ("all",)}, ReadStats())
+    tracemalloc.start()
+    first = next(samples)  # before the broken end is ever read
+    assert first.record == {"image_id": "vg-0", "captions": [f"thing {k} of image 0" for k in range(20)]}
+    count = 1
+    with pytest.raises(ValueError, match=r"region_descriptions\.json is not valid JSON: .* at character"):
+        for _ in samples:
+            count += 1
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 4000
+    assert peak < size / 2, f"peak {peak} bytes while streaming a {size}-byte file"

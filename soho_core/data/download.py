@@ -307,6 +307,7 @@ def download(dataset: str, out_uri: str, retries: int = 5, backoff: float = 2.0,
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(table)} "
                          f"(user-provided, no download: {', '.join(USER_PROVIDED)})")
     local = storage.is_local(out_uri)
+    storage.check_bucket(out_uri)  # before hours of downloading, not at the upload
     root = (out_uri[len("file://"):] if out_uri.startswith("file://") else out_uri) if local else \
         (staging or os.path.join(tempfile.gettempdir(), f"soho-download-{dataset}"))
     state = os.path.join(root, STATE_DIR)

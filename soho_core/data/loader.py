@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import random
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -61,6 +62,36 @@ class WorkerRandom:
         return self._gen
 
 
+class DataUnavailableError(RuntimeError):
+    """No shard could be read for ``data.unreadable_timeout_s``: the store is unreachable or
+    every shard is broken. The message names the last error."""
+
+
+class ReadFailures:
+    """Unreadable shards in a row. After the third, each retry waits longer (0.5 s doubling, at
+    most 30 s), so a store that blinks costs a pause, not a burst of skipped shards; after
+    ``give_up_s`` with no readable sample the stream raises :class:`DataUnavailableError`
+    (training resampling shards forever would otherwise spin on errors)."""
+
+    def __init__(self, give_up_s: float):
+        self.give_up_s = give_up_s
+        self.count = 0
+        self.since: float | None = None
+
+    def ok(self) -> None:
+        self.count, self.since = 0, None
+
+    def failed(self, err: Exception) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        self.count += 1
+        if now - self.since >= self.give_up_s:
+            raise DataUnavailableError(f"no shard readable for {now - self.since:.0f} s ({self.count} failures in a "
+                                       f"row; data.unreadable_timeout_s={self.give_up_s:g}); last: {err}") from err
+        if self.count >= 3:
+            time.sleep(min(30.0, 0.5 * 2 ** (self.count - 3), max(0.0, self.since + self.give_up_s - now)))
+
+
 def image_member(sample: dict[str, Any], slot: str) -> bytes:
     """The bytes of image ``slot`` ("png", "left.png") stored under any image extension
     ("jpg", "left.jpeg", ...): shards keep each file's own encoding."""
@@ -92,10 +123,18 @@ def stream(data_uri: str, task: str, split: str, cfg: SohoConfig, seed: int, tra
     storage.register_webdataset_openers()
     counter = SkipCounter()
 
+    failures = ReadFailures(cfg.data.unreadable_timeout_s)
+
     def count_and_continue(err: Exception) -> bool:
         counter.n += 1
         log.warning("skipping unreadable shard data: %s", err)
+        failures.failed(err)
         return True
+
+    def readable(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            failures.ok()
+            yield sample
 
     def decode(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
@@ -113,7 +152,7 @@ def stream(data_uri: str, task: str, split: str, cfg: SohoConfig, seed: int, tra
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=count_and_continue))
+    stages += [wds.tarfile_to_samples(handler=count_and_continue), readable]
     if train:
         stages.append(wds.shuffle(cfg.data.shuffle_buffer, initial=cfg.data.shuffle_buffer // 2,
                                   rng=random.Random(seed)))

@@ -33,6 +33,7 @@ counted (NLVR2 images fetched from their URLs miss about 5%). Records without us
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -128,6 +129,76 @@ def _load_json(uri: str) -> Any:
         raise ValueError(f"{uri} is not UTF-8 JSON: {err}") from err
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+CHUNK_BYTES = 1 << 20
+
+
+def _json_array_items(uri: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Any]:
+    """The items of a file holding one JSON array, parsed one at a time as chunks are read:
+    memory holds one chunk and one item, not the file (Visual Genome's region_descriptions.json
+    is 1.5 GB; parsed whole it takes several times that). Errors name the file and position."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"annotation file {uri} does not exist")
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, start, read, eof = "", 0, 0, 0, False  # start: characters of the file before buf
+
+    with storage.open_uri(uri, "rb") as f:
+
+        def more() -> None:
+            nonlocal buf, pos, start, read, eof
+            data = f.read(chunk_bytes)
+            eof = not data
+            pending = len(utf8.getstate()[0])
+            try:
+                text = utf8.decode(data, final=eof)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{uri} is not UTF-8: byte {read - pending + err.start}: {err.reason}") from None
+            read += len(data)
+            start += pos
+            buf, pos = buf[pos:] + text, 0
+
+        def skip_space() -> str:
+            """The next non-blank character ("" at the end of the file), reading more as needed."""
+            nonlocal pos
+            while True:
+                pos = _WHITESPACE.match(buf, pos).end()
+                if pos < len(buf) or eof:
+                    return buf[pos:pos + 1]
+                more()
+
+        def fail(what: str) -> ValueError:
+            return ValueError(f"{uri} is not a JSON list: {what} at character {start + pos}")
+
+        if skip_space() != "[":
+            raise fail("expected '['")
+        pos += 1
+        if skip_space() == "]":
+            return
+        while True:
+            skip_space()
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                complete = end < len(buf) or eof  # a number cut by the chunk also parses: be sure
+            except json.JSONDecodeError as err:
+                if eof:
+                    raise ValueError(f"{uri} is not valid JSON: {err.msg} at character {start + err.pos}") from None
+                complete = False
+            if not complete:
+                more()
+                continue
+            pos = end
+            yield item
+            sep = skip_space()
+            if sep == "]":
+                pos += 1
+                if skip_space():
+                    raise fail("data after the closing ']'")
+                return
+            if sep != ",":
+                raise fail(f"expected ',' or ']', found {sep!r}" if sep else "the file ends inside the list")
+            pos += 1
+
+
 def _jsonl(uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if not storage.exists(uri):
         raise FileNotFoundError(f"annotation file {uri} does not exist")
@@ -208,13 +279,11 @@ def read_coco(opts: ReaderOptions, patterns, splits, stats: ReadStats) -> Iterat
 
 
 def read_vg(opts: ReaderOptions, patterns, splits, stats: ReadStats) -> Iterator[Sample]:
-    """Visual Genome ``region_descriptions.json``: one sample per image, its distinct region phrases."""
+    """Visual Genome ``region_descriptions.json`` (a JSON list, streamed item by item): one sample
+    per image, its distinct region phrases."""
     uri = opts.input if opts.input.endswith(".json") else _first_existing(opts.input, ["region_descriptions.json"])
-    data = _load_json(uri)
-    if not isinstance(data, list):
-        raise ValueError(f"{uri}: expected a JSON list of images with 'regions'")
     out_split = next(iter(splits))
-    for i, item in enumerate(data):
+    for i, item in enumerate(_json_array_items(uri)):  # streamed: the file is 1.5 GB
         where = f"{uri} [{i}]"
         regions = _get(item, "regions", where)
         image_id = item.get("id", item.get("image_id"))

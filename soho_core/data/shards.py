@@ -9,7 +9,12 @@ Layout written under OUT::
                                         {split: {"shards": [names], "num_samples", "num_texts"}},
                                         "answer_vocab": [...] or null}
 
-``index.json`` is written last: a task folder without one is incomplete.
+``index.json`` is written last: a task folder without one is incomplete. Every shard is written
+to a temporary file and published whole (a rename, or one upload), so no reader ever sees half a
+shard. An S3 bucket that does not exist is an error naming it before anything is written (s3fs
+would create it); a store that fails mid-run raises :class:`ShardWriteError` naming the shard,
+and the official writer's rerun keeps the shards already complete. An image that does not
+decode is skipped and counted (``num_skipped``); one that cannot be *read* fails the run.
 
 Official sources (``--source coco|vg|vqa2|nlvr2|snli-ve|karpathy``, read by
 :mod:`soho_core.data.readers`; :func:`shard_source`) add, in the same task folders::
@@ -31,12 +36,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import tempfile
 from collections import defaultdict
 from typing import Any, Iterable
 
 import webdataset as wds
 
 from soho_core import storage
+from soho_core.data.transforms import check_image
 
 # Extensions an image member of a shard may carry (PIL decodes each by its content).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -46,10 +54,53 @@ log = logging.getLogger(__name__)
 FORMAT = "soho-shards"
 VERSION = 1
 TASKS = ("pretrain", "retrieval", "vqa", "ve", "nlvr2")
+# Members' modification time: fixed, so shards are reproducible, and an int: a float makes tarfile
+# add a pax header to every member, whose parsing took a fifth of the loader's time.
+MTIME = 0
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written (the store went away, refused the upload, or an input file
+    could not be read). The message names the shard and the cause; shards published before it
+    are complete and never half-written, and no index lists a shard that is not complete."""
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _temp_for(dest: str) -> str:
+    """A new temporary local file for shard ``dest``: beside it on a local store (publishing is a
+    rename), in the system temp folder otherwise (publishing is one upload)."""
+    folder = None
+    if storage.is_local(dest):
+        folder = os.path.dirname(os.path.abspath(_local_path(dest)))
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.rsplit('/', 1)[-1]}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def _publish(tmp: str, dest: str) -> None:
+    """Make the finished local file ``tmp`` the shard ``dest`` whole: ``os.replace`` locally, one
+    upload elsewhere (an object store shows an object only once its upload completes)."""
+    try:
+        if storage.is_local(dest):
+            os.replace(tmp, _local_path(dest))
+        else:
+            fs, path = storage.fs_and_path(dest)
+            fs.put_file(tmp, path)
+    except Exception as err:  # botocore's errors are not OSErrors: name the shard whatever failed
+        raise ShardWriteError(f"could not write shard {dest}: {type(err).__name__}: {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class ShardSink:
-    """Writes samples of one split into numbered tar shards of bounded count and size."""
+    """Writes samples of one split into numbered tar shards of bounded count and size. Each shard
+    is written to a temporary file and published whole when it is full or the sink closes, so
+    a run that dies leaves no partial shard under a shard's name (:meth:`abort` drops the open one)."""
 
     def __init__(self, task_uri: str, split: str, max_count: int = 10_000, max_bytes: int = 256 << 20):
         self.task_uri, self.split = task_uri, split
@@ -57,7 +108,7 @@ class ShardSink:
         self.shards: list[str] = []
         self.num_samples = 0
         self._writer: wds.TarWriter | None = None
-        self._file = None
+        self._tmp = ""
         self._count = self._bytes = 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -72,18 +123,36 @@ class ShardSink:
     def _open_next(self) -> None:
         self._close_current()
         name = f"{self.split}-{len(self.shards):05d}.tar"
-        self._file = storage.open_uri(storage.join(self.task_uri, name), "wb")
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tmp = _temp_for(storage.join(self.task_uri, name))
+        self._writer = wds.TarWriter(open(self._tmp, "wb"), encoder=False, mtime=MTIME)
         self.shards.append(name)
         self._count = self._bytes = 0
 
     def _close_current(self) -> None:
         if self._writer is not None:
-            self._writer.close()  # closes the file object too
-            self._writer = self._file = None
+            self._writer.close()  # closes the file too
+            self._writer = None
+            _publish(self._tmp, storage.join(self.task_uri, self.shards[-1]))
 
     def close(self) -> None:
         self._close_current()
+
+    def abort(self) -> None:
+        """Drop the shard being written, unpublished."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            os.remove(self._tmp)
+
+
+def _unpublish(task_uri: str, *names: str) -> None:
+    """Remove index files before a task folder is rewritten: from here until the new index is
+    written, the folder is incomplete and no reader trusts it."""
+    for name in names:
+        uri = storage.join(task_uri, name)
+        if storage.exists(uri):
+            fs, path = storage.fs_and_path(uri)
+            fs.rm(path)
 
 
 def write_index(task_uri: str, task: str, source: str, splits: dict[str, dict[str, Any]],
@@ -99,6 +168,7 @@ def load_index(data_uri: str, task: str) -> tuple[str, dict[str, Any]]:
     task_uri = storage.join(data_uri, task)
     index_uri = storage.join(task_uri, "index.json")
     if not storage.exists(index_uri):
+        storage.check_bucket(data_uri)  # a missing bucket says so, rather than "no index"
         raise FileNotFoundError(
             f"no shards for task {task!r} at {data_uri!r}: {index_uri} is missing "
             f"(write them with `soho data shard --out {data_uri}`)")
@@ -167,23 +237,29 @@ def shard_synthetic(input_uri: str, out_uri: str, tasks: Iterable[str] = TASKS, 
         raise FileNotFoundError(
             f"{input_uri!r} is not a complete synthetic dataset: {manifest_uri} is missing "
             f"(make one with `soho data synth --out {input_uri}`)")
-    storage.register_webdataset_openers()
+    storage.check_bucket(out_uri)
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         task_uri = storage.join(out_uri, task)
+        _unpublish(task_uri, "index.json")
         sinks: dict[str, ShardSink] = {}
         texts: dict[str, int] = defaultdict(int)
         train_answers: list[list[str]] = []
-        for split, sample in _synthetic_samples(input_uri, task):
-            sink = sinks.get(split) or sinks.setdefault(split, ShardSink(task_uri, split, max_count, max_bytes))
-            sink.write(sample)
-            record = json.loads(sample["json"])
-            items = next(record[k] for k in ("captions", "questions", "hypotheses", "statements") if k in record)
-            texts[split] += len(items)
-            if task == "vqa" and split == "train":
-                train_answers += [q["answers"] for q in record["questions"]]
-        for sink in sinks.values():
-            sink.close()
+        try:
+            for split, sample in _synthetic_samples(input_uri, task):
+                sink = sinks.get(split) or sinks.setdefault(split, ShardSink(task_uri, split, max_count, max_bytes))
+                sink.write(sample)
+                record = json.loads(sample["json"])
+                items = next(record[k] for k in ("captions", "questions", "hypotheses", "statements") if k in record)
+                texts[split] += len(items)
+                if task == "vqa" and split == "train":
+                    train_answers += [q["answers"] for q in record["questions"]]
+            for sink in sinks.values():
+                sink.close()
+        except BaseException:
+            for sink in sinks.values():
+                sink.abort()
+            raise
         splits = {s: {"shards": k.shards, "num_samples": k.num_samples, "num_texts": texts[s]}
                   for s, k in sorted(sinks.items())}
         vocab = None
@@ -228,19 +304,6 @@ def _fingerprint(items: list) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def check_image(data: bytes) -> None:
-    """Raise unless ``data`` is an image PIL can fully decode, of at least 1x1 and within PIL's
-    decompression-bomb limit. JPEGs decode at 1/8 scale (``draft``): still every byte is read."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width < 1 or im.height < 1:
-            raise ValueError(f"image is {im.width}x{im.height}")
-        if im.format == "JPEG":
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-        im.load()
-
-
 def _texts_of(record: dict[str, Any]) -> int:
     return len(next(record[k] for k in ("captions", "questions", "hypotheses", "statements") if k in record))
 
@@ -256,49 +319,53 @@ def member_for(slot: str, uri: str) -> str:
 
 
 def write_planned_shard(task_uri: str, name: str, items: list, fingerprint: str) -> dict[str, Any]:
-    """Write one planned shard and its sidecar; an unreadable or undecodable image skips its
-    sample (counted in the sidecar). Returns the sidecar. Top-level so worker processes can run it."""
-    import os
-    import tempfile
+    """Write one planned shard and its sidecar; returns the sidecar. Top-level so worker
+    processes can run it.
 
-    storage.register_webdataset_openers()
-    local = storage.is_local(task_uri)
+    An image that does not decode (truncated, empty, not an image, a decompression bomb, too
+    small: :func:`~soho_core.data.transforms.check_image`) skips its sample, counted in the
+    sidecar. An image that cannot be *read* (the store is unreachable, the file vanished since
+    planning) fails the shard with :class:`ShardWriteError` instead: skipping it would publish a
+    shard that a rerun trusts, and its samples would be lost for good.
+    """
     dest = storage.join(task_uri, name)
-    if local:
-        folder = task_uri[len("file://"):] if task_uri.startswith("file://") else task_uri
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder if local else None)
+    tmp = _temp_for(dest)
     skipped: list[list[str]] = []
     num_samples = num_texts = 0
     try:
-        with os.fdopen(fd, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=MTIME)
             for key, record, images, _ in items:
                 sample: dict[str, Any] = {"__key__": key}
-                try:
-                    for member, uri in images.items():
+                for member, uri in images.items():
+                    try:
                         data = storage.read_bytes(uri)
+                    except Exception as err:
+                        raise ShardWriteError(f"could not write shard {dest}: reading {uri} failed: "
+                                              f"{type(err).__name__}: {err}") from err
+                    try:
                         check_image(data)
-                        sample[member_for(member, uri)] = data
-                except Exception as err:  # a corrupt image must not stop a long job: skip and count
-                    skipped.append([key, f"{uri}: {type(err).__name__}: {err}"[:300]])
-                    continue
-                sample["json"] = json.dumps(record).encode("utf-8")
-                writer.write(sample)
-                num_samples += 1
-                num_texts += _texts_of(record)
+                    except Exception as err:  # a corrupt image must not stop a long job: skip and count
+                        skipped.append([key, f"{uri}: {type(err).__name__}: {err}"[:300]])
+                        break
+                    sample[member_for(member, uri)] = data
+                else:
+                    sample["json"] = json.dumps(record).encode("utf-8")
+                    writer.write(sample)
+                    num_samples += 1
+                    num_texts += _texts_of(record)
             writer.close()
-        if local:
-            os.replace(tmp, dest[len("file://"):] if dest.startswith("file://") else dest)
-        else:
-            fs, path = storage.fs_and_path(dest)
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    _publish(tmp, dest)
     sidecar = {"fingerprint": fingerprint, "num_samples": num_samples, "num_texts": num_texts,
                "num_skipped": len(skipped), "skipped": skipped[:50]}
-    storage.write_json_atomic(f"{dest}.json", sidecar)
+    try:
+        storage.write_json_atomic(f"{dest}.json", sidecar)
+    except Exception as err:
+        raise ShardWriteError(f"could not write {dest}.json (the mark of a complete shard): "
+                              f"{type(err).__name__}: {err}") from err
     if skipped:
         log.warning("%s: skipped %d unreadable sample(s), first: %s", dest, len(skipped), skipped[0][1])
     return sidecar
@@ -351,6 +418,8 @@ def shard_source(source: str, options, out_uri: str, tasks: Iterable[str] | None
                              f"{', '.join(readers.ALLOWED_TASKS[source])}")
     if max_count < 1 or max_bytes < 1 or workers < 1:
         raise ValueError(f"max_count={max_count}, max_bytes={max_bytes}, workers={workers}: each must be >= 1")
+    for uri in (out_uri, options.input, readers.image_root(options)):
+        storage.check_bucket(uri)
     samples, stats = readers.read_source(source, options)
     resolved = readers.resolve_images(samples, readers.image_root(options), options.max_missing, stats)
     by_split: dict[str, list] = {}
@@ -366,10 +435,7 @@ def shard_source(source: str, options, out_uri: str, tasks: Iterable[str] | None
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         task_uri = storage.join(out_uri, task)
-        for stale in ("index.json", f"index-{source}.json"):
-            if storage.exists(storage.join(task_uri, stale)):
-                fs, p = storage.fs_and_path(storage.join(task_uri, stale))
-                fs.rm(p)  # from here until the end, this task folder is incomplete
+        _unpublish(task_uri, "index.json", f"index-{source}.json")
         jobs, sidecars = [], {}
         plan = {split: _plan(items, max_count, max_bytes) for split, items in sorted(by_split.items())}
         for split, shards in plan.items():
@@ -382,13 +448,18 @@ def shard_source(source: str, options, out_uri: str, tasks: Iterable[str] | None
                 else:
                     jobs.append((task_uri, name, items, fp))
         log.info("%s/%s: %d shard(s) to write, %d already complete", source, task, len(jobs), len(sidecars))
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
-                for job, sidecar in zip(jobs, ex.map(write_planned_shard, *zip(*jobs))):
-                    sidecars[job[1]] = sidecar
-        else:
-            for job in jobs:
-                sidecars[job[1]] = write_planned_shard(*job)
+        total = len(jobs) + len(sidecars)
+        try:
+            if workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+                    for job, sidecar in zip(jobs, ex.map(write_planned_shard, *zip(*jobs))):
+                        sidecars[job[1]] = sidecar
+            else:
+                for job in jobs:
+                    sidecars[job[1]] = write_planned_shard(*job)
+        except ShardWriteError as err:
+            raise ShardWriteError(f"{err}. {len(sidecars)} of {total} {source} shard(s) of {task} are complete "
+                                  f"and kept; rerun the same command to write the rest") from err
         splits = {}
         for split, shards in plan.items():
             names = [f"{split}-{source}-{i:05d}.tar" for i in range(len(shards))]

@@ -61,6 +61,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
 
+from soho_core import storage
 from soho_core.data.synthetic_text import (COLORS, SHAPES, SIZES, Balancer, captions_for, nlvr2_for, ve_for,
                                            vocabulary, vqa_for)
 
@@ -267,6 +268,7 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
     URI); returns the manifest, which is also written last as OUT/manifest.json."""
     fractions = _validate(out, num_images, seed, image_size, min_objects, max_objects, captions_per_image,
                           questions_per_image, splits)
+    storage.check_bucket(out)
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
     if fs.exists(f"{root}/manifest.json"):

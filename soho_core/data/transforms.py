@@ -1,8 +1,22 @@
-"""Image decoding, the release's resize-to-fit, normalisation and padding."""
+"""Image decoding, the release's resize-to-fit, normalisation and padding.
+
+What :func:`open_image` refuses (the loader skips and counts such a sample, the shard writer
+skips it and counts it in the shard's sidecar): data PIL cannot identify or that is cut short;
+an image declaring more than :data:`MAX_IMAGE_PIXELS` pixels (refused from its header, before
+any pixel is decoded: a decompression bomb); one whose shorter side is below
+:data:`MIN_IMAGE_SIDE` pixels (a placeholder or tracking pixel, not a scene: a 1x1 image
+upsampled to the model's size is one flat colour that no caption describes).
+
+Every mode becomes RGB: greyscale and CMYK are converted; an image with transparency (RGBA,
+LA, a palette or colour key with transparent entries) is composited over white, as it looks
+on the white page its annotators saw, rather than dropping alpha (which shows whatever colour
+the transparent pixels happen to store, often black, and erases dark content drawn on them).
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -10,6 +24,46 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# 8192 x 8192: above every image of the official datasets (COCO <= 640 px, VG <= 1280 px, NLVR2
+# web photos a few thousand px) and below PIL's own default (89.5 M), as 192 MB once decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MIN_IMAGE_SIDE = 8
+BACKGROUND = (255, 255, 255)  # what transparent pixels become
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open encoded image bytes lazily (only the header is read) and check its declared size.
+
+    Raises ``PIL.Image.DecompressionBombError`` above :data:`MAX_IMAGE_PIXELS` (PIL's bomb
+    warning is an error here), ``ValueError`` below :data:`MIN_IMAGE_SIDE`, and PIL's own
+    errors (``UnidentifiedImageError``, an ``OSError``) on data it cannot read.
+    """
+    if not data:
+        raise ValueError("image data is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombWarning as err:
+            raise Image.DecompressionBombError(str(err)) from None
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise Image.DecompressionBombError(
+            f"image declares {im.width}x{im.height} = {im.width * im.height} pixels, over the limit of "
+            f"{MAX_IMAGE_PIXELS} (soho_core.data.transforms.MAX_IMAGE_PIXELS): refused as a decompression bomb")
+    if min(im.width, im.height) < MIN_IMAGE_SIDE:
+        im.close()
+        raise ValueError(f"image is {im.width}x{im.height}: a side below {MIN_IMAGE_SIDE} px holds no scene")
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparency composited over :data:`BACKGROUND` (see the module docstring)."""
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def fit_size(height: int, width: int, short_max: int, long_max: int) -> tuple[int, int]:
@@ -20,21 +74,37 @@ def fit_size(height: int, width: int, short_max: int, long_max: int) -> tuple[in
 
 
 def decode_image(data: bytes, short_max: int, long_max: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor (3, h, w) resized to fit. Raises on undecodable data."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+    """Encoded image bytes -> uint8 tensor (3, h, w), RGB, resized to fit. Raises on data that
+    :func:`open_image` refuses or that does not decode."""
+    with open_image(data) as im:
         h, w = fit_size(im.height, im.width, short_max, long_max)
-        if (h, w) != (im.height, im.width):
-            im = im.resize((w, h), Image.BILINEAR)
-        array = np.asarray(im, dtype=np.uint8)
+        if im.format == "JPEG" and h < im.height:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still at least (w, h): a photo shrunk
+            # to the model's size decodes several times faster, and the resize below finishes it.
+            im.draft(None, (w, h))
+        rgb = to_rgb(im)
+        if (h, w) != (rgb.height, rgb.width):
+            rgb = rgb.resize((w, h), Image.BILINEAR)
+        array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def check_image(data: bytes) -> None:
+    """Raise unless ``data`` is an image :func:`open_image` accepts and PIL can fully decode.
+    JPEGs decode at 1/8 scale (``draft``): still every byte is read."""
+    with open_image(data) as im:
+        if im.format == "JPEG":
+            im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+_INV_STD_255 = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float, ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    return (images.float() - mean) / std
+    return (images.float() - _MEAN_255) * _INV_STD_255
 
 
 def pad_batch(images: list[torch.Tensor], divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +115,13 @@ def pad_batch(images: list[torch.Tensor], divisor: int) -> tuple[torch.Tensor, t
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.long)
     H = int(-(-sizes[:, 0].max() // divisor) * divisor)
     W = int(-(-sizes[:, 1].max() // divisor) * divisor)
-    out = torch.zeros(len(images), 3, H, W)
+    out = torch.empty(len(images), 3, H, W)
     for i, im in enumerate(images):
-        out[i, :, : im.shape[1], : im.shape[2]] = normalize(im)
+        out[i, :, : im.shape[1], : im.shape[2]] = im
+    # One pass over the whole batch (per-image arithmetic cost as much as decoding a small image),
+    # then the padding back to zero, the normalised mean colour.
+    out.sub_(_MEAN_255).mul_(_INV_STD_255)
+    for i, im in enumerate(images):
+        out[i, :, im.shape[1]:] = 0
+        out[i, :, : im.shape[1], im.shape[2]:] = 0
     return out, sizes

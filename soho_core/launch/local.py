@@ -22,18 +22,22 @@ class LocalRunError(RuntimeError):
     """torchrun exited with an error or ran past its timeout; the message says which."""
 
 
-def torchrun_argv(soho_args: Sequence[str], procs: int = 1) -> list[str]:
+def torchrun_argv(soho_args: Sequence[str], procs: int = 1, max_restarts: int = 0) -> list[str]:
+    """torchrun's elastic launcher on this machine: ``procs`` workers, and when one fails, the whole
+    group restarted up to ``max_restarts`` times (training resumes from its latest checkpoint)."""
     if procs < 1:
         raise ValueError(f"procs={procs} must be >= 1")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts={max_restarts} must be >= 0")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-            "-m", "soho_core", *soho_args]
+            f"--max-restarts={max_restarts}", "-m", "soho_core", *soho_args]
 
 
 def run_torchrun(soho_args: Sequence[str], procs: int = 1, timeout_s: float | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, max_restarts: int = 0) -> None:
     """Run ``soho <soho_args>`` under torchrun with ``procs`` processes; raise :class:`LocalRunError`
     on failure. ``env`` adds plain settings (wandb project and group) to this process's environment."""
-    argv = torchrun_argv(soho_args, procs)
+    argv = torchrun_argv(soho_args, procs, max_restarts)
     full_env = {**os.environ, **(env or {})}
     # Processes share the cores: one OpenMP thread pool each, sized so they do not oversubscribe.
     full_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))

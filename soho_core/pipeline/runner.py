@@ -150,9 +150,14 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
 
 
 def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "soho", run_name: str = "",
-           namespace: str | None = None, package: str | None = None, client=None) -> str:
+           namespace: str | None = None, package: str | None = None, client=None,
+           service_account: str | None = None) -> str:
     """Submit a run through ``kfp.Client`` (the pipeline compiled on the fly, or ``package``);
-    returns the run id. Credentials for the KFP API come from kfp's own configuration."""
+    returns the run id. Credentials for the KFP API come from kfp's own configuration.
+
+    ``namespace`` is the Kubeflow profile namespace the run goes to (multi-user installs);
+    ``service_account`` the Kubernetes account its pods run as (else the installation's
+    default runner), e.g. one bound to the Role in ``manifests/base/rbac.yaml``."""
     import kfp
 
     if not host.startswith(("http://", "https://")):
@@ -160,12 +165,12 @@ def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "s
     client = client or kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     arguments = dict(params or {})
     name = run_name or f"soho-{time.strftime('%Y%m%d-%H%M%S')}"
+    common = dict(arguments=arguments, run_name=name, experiment_name=experiment, namespace=namespace,
+                  service_account=service_account or None)
     if package:
-        run = client.create_run_from_pipeline_package(package, arguments=arguments, run_name=name,
-                                                      experiment_name=experiment, namespace=namespace)
+        run = client.create_run_from_pipeline_package(package, **common)
     else:
-        run = client.create_run_from_pipeline_func(_pipeline_func(), arguments=arguments, run_name=name,
-                                                   experiment_name=experiment, namespace=namespace)
+        run = client.create_run_from_pipeline_func(_pipeline_func(), **common)
     return run.run_id
 
 

@@ -1,6 +1,6 @@
 """What each pipeline step does; the KFP components in ``components/`` only call these.
 
-    data      prepare_data(source, store_root, ...)          -> dataset URI
+    data      prepare_data(source, store_root, ..., tasks)   -> dataset URI (synthetic | official | URI)
     shard     shard_task(dataset, store_root, task)          -> shard root URI
     pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob", ...)
     finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
@@ -26,7 +26,7 @@ from soho_core import storage
 from soho_core.data.shards import TASKS
 
 LAUNCHERS = ("torchrun", "pytorchjob")
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "official")
 
 
 def _check_task(task: str, valid: Sequence[str]) -> None:
@@ -38,10 +38,26 @@ def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int) ->
     return storage.join(store_root, "datasets", f"synthetic-n{num_images}-s{seed}-px{image_size}")
 
 
+def official_uri(store_root: str) -> str:
+    return storage.join(store_root, "datasets", "official")
+
+
+def _is_synthetic(dataset: str) -> bool:
+    return storage.exists(storage.join(dataset, "manifest.json"))
+
+
 def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int = 0, image_size: int = 128,
-                 min_objects: int = 2, max_objects: int = 4) -> str:
-    """The data step: render the synthetic world (``source="synthetic"``), or check that
-    ``source`` is the URI of a dataset written by ``soho data synth``; returns its URI."""
+                 min_objects: int = 2, max_objects: int = 4, tasks: Sequence[str] = (),
+                 download_sources=None) -> str:
+    """The data step; returns the dataset URI the shard steps read.
+
+    ``source``: ``"synthetic"`` renders the synthetic world under ``store_root/datasets/``;
+    ``"official"`` downloads the official datasets that pre-training and ``tasks`` need into
+    ``store_root/datasets/official`` (layout: :mod:`soho_core.data.official`); a URI names a
+    dataset already in place: one written by ``soho data synth`` (it has ``manifest.json``) or a
+    folder in the official layout (checked for the folders ``tasks`` need). ``download_sources``
+    replaces the URL table (tests).
+    """
     if source == "synthetic":
         out = dataset_uri(store_root, num_images, seed, image_size)
         if storage.exists(storage.join(out, "manifest.json")):
@@ -53,25 +69,50 @@ def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int
                               min_objects=min_objects, max_objects=max_objects)
         print(json.dumps({"out": out, "counts": manifest["counts"]}), flush=True)
         return out
+    if source == "official":
+        from soho_core.data import official
+
+        out = official_uri(store_root)
+        datasets = official.download_for(out, tasks, sources=download_sources)
+        print(json.dumps({"out": out, "datasets": datasets}), flush=True)
+        return out
     if "://" in source or source.startswith("/"):
-        if not storage.exists(storage.join(source, "manifest.json")):
-            raise FileNotFoundError(f"data source {source!r} has no manifest.json: it is not a dataset written "
-                                    f"by `soho data synth`")
+        if _is_synthetic(source):
+            return source
+        from soho_core.data import official
+
+        try:
+            official.check_layout(source, tasks)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data source {source!r} is neither a dataset written by `soho data synth` "
+                                    f"(no manifest.json) nor the official layout: {err}") from None
         return source
     raise ValueError(f"data source {source!r} is neither one of {', '.join(SOURCES)} nor a dataset URI")
 
 
 def shard_task(dataset: str, store_root: str, task: str, shard_max_count: int = 10_000) -> str:
-    """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``;
-    returns the shard root (the folder holding every task's folder)."""
+    """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``,
+    from the synthetic world or, for the official layout, with the task's readers (pre-training:
+    COCO and VG); returns the shard root (the folder holding every task's folder)."""
     _check_task(task, TASKS)
     root = storage.join(store_root, "shards", dataset.rstrip("/").rsplit("/", 1)[-1])
-    if storage.exists(storage.join(root, task, "index.json")):
-        print(f"shards of {task} already complete under {root}", flush=True)
-        return root
-    from soho_core.data.shards import shard_synthetic
+    index_uri = storage.join(root, task, "index.json")
+    synthetic = _is_synthetic(dataset)
+    if storage.exists(index_uri):
+        from soho_core.data.official import sources_of
 
-    index = shard_synthetic(dataset, root, [task], max_count=shard_max_count)[task]
+        # An official task folder is complete once every one of its sources is merged in.
+        if synthetic or sources_of(task) <= set(storage.read_json(index_uri).get("sources", {})):
+            print(f"shards of {task} already complete under {root}", flush=True)
+            return root
+    if synthetic:
+        from soho_core.data.shards import shard_synthetic
+
+        index = shard_synthetic(dataset, root, [task], max_count=shard_max_count)[task]
+    else:
+        from soho_core.data import official
+
+        index = official.shard_task(dataset, root, task, max_count=shard_max_count)
     print(json.dumps({"task": task, "out": storage.join(root, task),
                       "num_samples": {s: v["num_samples"] for s, v in index["splits"].items()}}), flush=True)
     return root

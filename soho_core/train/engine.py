@@ -12,6 +12,7 @@ every ``ckpt_every`` steps and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -29,10 +30,11 @@ from soho_core.config import ConfigError, SohoConfig, apply_overrides, config_fr
 from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
-from soho_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from soho_core.env import runtime_env
+from soho_core.train.checkpoint import clean_unpublished, latest_checkpoint, load_checkpoint, save_checkpoint
 from soho_core.train.distributed import all_reduce_sum, barrier, init_distributed
 from soho_core.train.optim import build_optimizers, build_schedulers
-from soho_core.train.tracking import MetricsLog
+from soho_core.train.tracking import TRACKING_FILE, MetricsLog, WandbRun, tracking_run_id
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,39 @@ def model_config_for(task: Task, cfg: SohoConfig, init_state: dict[str, Any] | N
     return cfg.validate()
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` for ``device``: "fp32", "bf16" or "fp16"."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' or 'fp32' on a CPU")
+    return precision
+
+
+def data_seed(seed: int, step: int) -> int:
+    """The seed of the training stream that starts at ``step``. The stream restarts at every
+    checkpoint step, so a run resumed from step S reads exactly the batches that a run never
+    interrupted read after S: no sample is repeated or skipped by a resume."""
+    return seed * 7919 + step
+
+
 def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | None = None,
           split: str = "train") -> TrainResult:
     info = init_distributed(cfg.train.device)
+    env = runtime_env()
     device, tc = info.device, cfg.train
+    precision = resolve_precision(tc.precision, device)
     # Fail on bad input before any work: shards, the initial checkpoint, the tokenizer.
     task_uri, index = load_index(data_uri, task.name)
     shard_urls(task_uri, index, split)
+    storage.check_bucket(out_uri)  # s3fs would create a misspelt bucket on the first write
+    if info.is_main:
+        removed = clean_unpublished(out_uri)
+        if removed:
+            print(f"removed what an interrupted checkpoint write left: {', '.join(removed)}", flush=True)
+    barrier()
     resume_uri = latest_checkpoint(out_uri)
     init_state = load_checkpoint(init, map_location="cpu") if init and not resume_uri else None
     resume_state = load_checkpoint(resume_uri, map_location="cpu") if resume_uri else None
@@ -109,22 +137,39 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
                   flush=True)
     optimizers = build_optimizers(model, cfg.optim, cfg.finetune.head_lr_mult)
     schedulers = build_schedulers(optimizers, cfg.optim)
+    # fp16 needs its gradients scaled; with bf16 or fp32 the scaler is a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     max_steps = task.max_steps(cfg)
 
-    start = 0
+    start, images_seen, wandb_id = 0, 0, None
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         for opt, saved in zip(optimizers, resume_state["optimizers"]):
             opt.load_state_dict(saved)
         for sch, saved in zip(schedulers, resume_state["schedulers"]):
             sch.load_state_dict(saved)
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
         start = int(resume_state["step"])
+        images_seen = int(resume_state.get("data", {}).get("images_seen", 0))
+        wandb_id = resume_state.get("tracking", {}).get("wandb_run_id")
         _set_rng_state(resume_state["rng"][min(info.rank, len(resume_state["rng"]) - 1)])
         if info.is_main:
-            print(f"resuming from {resume_uri} at step {start}", flush=True)
+            print(f"resuming from {resume_uri} at step {start} (restart {env.torchelastic_restart}; "
+                  f"{images_seen} images seen)", flush=True)
     del init_state, resume_state
+    metrics = MetricsLog(out_uri, enabled=info.is_main)
+    wandb_run = WandbRun(tc.wandb and info.is_main, tracking_run_id(out_uri, wandb_id) if info.is_main else "",
+                         out_uri, job_type="pretrain" if task.name == "pretrain" else f"finetune-{task.name}",
+                         config=cfg.to_dict(), resumed=start > 0)
     if info.is_main:
-        storage.write_json_atomic(storage.join(out_uri, "config.json"), cfg.to_dict())
+        storage.retrying(lambda: storage.write_json_atomic(storage.join(out_uri, "config.json"), cfg.to_dict()),
+                         f"writing {out_uri}/config.json")
+        if start > 0:
+            event = {"event": "resume", "step": start, "checkpoint": resume_uri,
+                     "restart": env.torchelastic_restart, "images_seen": images_seen, "time": time.time()}
+            metrics.write(event)
+            wandb_run.log({"step": start, "resumes": 1})
 
     objective: nn.Module = model
     if info.world_size > 1:
@@ -132,71 +177,106 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
         # (its statistics are all-reduced), and a test checks that it does.
         objective = DistributedDataParallel(model, broadcast_buffers=False,
                                             device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = tc.precision == "bf16" or (
-        tc.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    # A new data seed per (re)start so a resumed run does not replay the same samples.
-    batches = iter(task.loader(data_uri, split, cfg, tokenizer, seed=tc.seed * 7919 + start, train=True))
-    metrics = MetricsLog(out_uri, enabled=info.is_main)
+    forward = torch.compile(objective) if tc.compile else objective
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     params = [p for p in model.parameters() if p.requires_grad]
     names: list[str] = []
     window: torch.Tensor | None = None
-    texts = skipped = steps_in_window = 0
+    texts = images = skipped = 0
     last: dict[str, Any] = {}
+    loader = batches = None
     t_window = time.perf_counter()
     model.train()
-    for step in range(start, max_steps):
-        batch = next(batches)
-        skipped += batch.skipped
-        texts += batch.num_texts
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = objective(**batch.model_inputs())
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-        for opt in optimizers:
-            opt.step()
-        for sch in schedulers:
-            sch.step()
-        if window is None:
-            names = ["loss", *out.stats]
-            window = torch.zeros(2 * len(names), device=device, dtype=torch.float64)
-        pairs = [(out.loss.detach().float(), torch.ones((), device=device))] + [out.stats[n] for n in names[1:]]
-        window += torch.stack([x.double() for pair in pairs for x in pair])
-        steps_in_window += 1
-        done = step + 1 == max_steps
-        if (step + 1) % tc.log_every == 0 or done:
-            # Statistics leave the device once per logging window, not every step.
-            counts = torch.tensor([texts, skipped], device=device, dtype=torch.float64)
-            all_reduce_sum(window)
-            all_reduce_sum(counts)
-            w = window.tolist()
-            seconds = time.perf_counter() - t_window
-            last = {"step": step + 1}
-            for i, name in enumerate(names):
-                last[name] = w[2 * i] / w[2 * i + 1] if w[2 * i + 1] > 0 else None
-            if hasattr(model, "dictionary_stats"):
-                last.update(model.dictionary_stats())
-            last["lr"] = schedulers[0].get_last_lr()[0]
-            if len(schedulers) > 1:
-                last["lr_backbone"] = schedulers[1].get_last_lr()[0]
-            last["samples_per_s"] = float(counts[0]) / seconds
-            last["skipped_samples"] = int(counts[1])
-            last["time"] = time.time()
-            metrics.write(last)
-            if info.is_main:
-                print(_format(last), flush=True)
-            window.zero_()
-            texts = skipped = steps_in_window = 0
-            t_window = time.perf_counter()
-        if (step + 1) % tc.ckpt_every == 0 or done:
-            _checkpoint(task, cfg, meta, out_uri, step + 1, model, optimizers, schedulers, info)
+    try:
+        for step in range(start, max_steps):
+            if batches is None or step % tc.ckpt_every == 0:
+                # A fresh stream at the start and after every checkpoint (see data_seed).
+                del loader, batches
+                loader = task.loader(data_uri, split, cfg, tokenizer, seed=data_seed(tc.seed, step), train=True)
+                batches = iter(loader)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                skipped += batch.skipped
+                texts += batch.num_texts
+                images += batch.images.shape[0]
+                batch = batch.to(device)
+                # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+                sync = micro == tc.grad_accum - 1 or not isinstance(objective, DistributedDataParallel)
+                with contextlib.nullcontext() if sync else objective.no_sync():
+                    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                        enabled=autocast_dtype is not None):
+                        out = forward(**batch.model_inputs())
+                    scaler.scale(out.loss / tc.grad_accum).backward()
+                if window is None:
+                    names = ["loss", *out.stats]
+                    window = torch.zeros(2 * len(names), device=device, dtype=torch.float64)
+                pairs = [(out.loss.detach().float(), torch.ones((), device=device))] + [out.stats[n] for n in names[1:]]
+                window += torch.stack([x.double() for pair in pairs for x in pair])
+            if cfg.optim.clip_grad > 0:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for sch in schedulers:
+                sch.step()
+            done = step + 1 == max_steps
+            if (step + 1) % tc.log_every == 0 or done:
+                # Statistics leave the device once per logging window, not every step.
+                counts = torch.tensor([texts, skipped, images], device=device, dtype=torch.float64)
+                all_reduce_sum(window)
+                all_reduce_sum(counts)
+                w = window.tolist()
+                seconds = time.perf_counter() - t_window
+                images_seen += int(counts[2])
+                last = {"step": step + 1}
+                for i, name in enumerate(names):
+                    last[name] = w[2 * i] / w[2 * i + 1] if w[2 * i + 1] > 0 else None
+                if hasattr(model, "dictionary_stats"):
+                    last.update(model.dictionary_stats())
+                last["lr"] = schedulers[0].get_last_lr()[0]
+                if len(schedulers) > 1:
+                    last["lr_backbone"] = schedulers[1].get_last_lr()[0]
+                last["samples_per_s"] = float(counts[0]) / seconds
+                last["images_per_s"] = float(counts[2]) / seconds
+                last["images_seen"] = images_seen
+                last["skipped_samples"] = int(counts[1])
+                if device.type == "cuda":
+                    last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    torch.cuda.reset_peak_memory_stats(device)
+                last["time"] = time.time()
+                metrics.write(last)
+                wandb_run.log(last)
+                if info.is_main:
+                    print(_format(last), flush=True)
+                window.zero_()
+                texts = images = skipped = 0
+                t_window = time.perf_counter()
+            if (step + 1) % tc.ckpt_every == 0 or done:
+                extra = {"scaler": scaler.state_dict(), "tracking": {"wandb_run_id": wandb_run_id(wandb_run, out_uri)},
+                         "data": {"images_seen": images_seen + images * info.world_size,
+                                  "stream_seed": data_seed(tc.seed, step + 1)}}
+                pause = env.fault_checkpoint_pause
+                _checkpoint(task, cfg, meta, out_uri, step + 1, model, optimizers, schedulers, info, extra,
+                            pause_s=pause[1] if pause and pause[0] == step + 1 else 0.0)
+    finally:
+        wandb_run.finish()
     return TrainResult(model=model, last_metrics=last, out=out_uri)
 
 
-def _checkpoint(task, cfg, meta, out_uri, step, model, optimizers, schedulers, info) -> None:
+def wandb_run_id(run: WandbRun, out_uri: str) -> str | None:
+    """The id to keep in the checkpoint: the live run's, else the one recorded for OUT."""
+    if run.active:
+        return run.run.id
+    uri = storage.join(out_uri, TRACKING_FILE)
+    return storage.read_json(uri).get("wandb_run_id") if storage.exists(uri) else None
+
+
+def _checkpoint(task, cfg, meta, out_uri, step, model, optimizers, schedulers, info, extra,
+                pause_s: float = 0.0) -> None:
     # Every rank's RNG state is gathered so that a resumed run draws the same numbers.
     rng = _rng_state()
     if info.world_size > 1:
@@ -208,8 +288,8 @@ def _checkpoint(task, cfg, meta, out_uri, step, model, optimizers, schedulers, i
         state = {"step": step, "kind": task.name, "meta": meta, "config": cfg.to_dict(),
                  "model": model.state_dict(),
                  "optimizers": [o.state_dict() for o in optimizers],
-                 "schedulers": [s.state_dict() for s in schedulers], "rng": gathered}
-        save_checkpoint(out_uri, step, state, keep=cfg.train.keep_checkpoints)
+                 "schedulers": [s.state_dict() for s in schedulers], "rng": gathered, **extra}
+        save_checkpoint(out_uri, step, state, keep=cfg.train.keep_checkpoints, pause_halfway_s=pause_s)
     barrier()
 
 

@@ -1,0 +1,51 @@
+"""Engine options: gradient accumulation, bf16 autocast on CPU, precision checks, S3 buckets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from soho_core.config import ConfigError, load_config
+from soho_core.tasks.catalog import get_task
+from soho_core.train.checkpoint import load_checkpoint
+from soho_core.train.engine import resolve_precision, train
+from soho_core.train.tracking import read_metrics
+
+
+def _tiny(*overrides: str):
+    return load_config("tiny", ["data.images_per_batch=2", "train.log_every=2", "train.ckpt_every=100", *overrides])
+
+
+def test_gradient_accumulation_takes_k_micro_batches_per_optimizer_step(shard_root, tmp_path):
+    train(get_task("pretrain"), _tiny("train.max_steps=4", "train.grad_accum=3"), str(shard_root), str(tmp_path))
+    state = load_checkpoint(str(tmp_path))
+    assert {int(s["step"]) for s in state["optimizers"][0]["state"].values()} == {4}
+    assert state["data"]["images_seen"] == 4 * 3 * 2
+    rows = read_metrics(str(tmp_path))
+    assert [r["images_seen"] for r in rows] == [2 * 3 * 2, 4 * 3 * 2]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_bf16_autocast_on_cpu_trains(shard_root, tmp_path):
+    result = train(get_task("pretrain"), _tiny("train.max_steps=2", "train.precision=bf16"), str(shard_root),
+                   str(tmp_path))
+    assert math.isfinite(result.last_metrics["loss"])
+    # Weights stay fp32 (autocast computes in bf16, the optimizer updates fp32 masters).
+    weights = load_checkpoint(str(tmp_path))["model"].values()
+    assert {v.dtype for v in weights if v.is_floating_point()} == {torch.float32}
+
+
+def test_precision_is_resolved_per_device_and_fp16_needs_cuda():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="train.precision='fp16' needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.grad_accum"):
+        load_config("tiny", ["train.grad_accum=0"])
+
+
+def test_training_into_a_missing_bucket_is_an_error_naming_it(shard_root, s3_server):
+    with pytest.raises(FileNotFoundError, match="'no-such-bucket' does not exist"):
+        train(get_task("pretrain"), _tiny("train.max_steps=1"), str(shard_root), "s3://no-such-bucket/run")
