@@ -49,3 +49,11 @@ def test_precision_is_resolved_per_device_and_fp16_needs_cuda():
 def test_training_into_a_missing_bucket_is_an_error_naming_it(shard_root, s3_server):
     with pytest.raises(FileNotFoundError, match="'no-such-bucket' does not exist"):
         train(get_task("pretrain"), _tiny("train.max_steps=1"), str(shard_root), "s3://no-such-bucket/run")
+
+
+def test_torch_compile_trains(shard_root, tmp_path):
+    """torch.compile through the real engine (about a minute of compiling on this CPU)."""
+    result = train(get_task("pretrain"), _tiny("train.max_steps=2", "train.compile=true"), str(shard_root),
+                   str(tmp_path))
+    assert math.isfinite(result.last_metrics["loss"])
+    assert load_checkpoint(str(tmp_path))["step"] == 2
