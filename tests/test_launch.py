@@ -240,6 +240,55 @@ def test_terminal_condition_wins_over_later_ones():
     assert job_state({}).phase == "Pending"
 
 
+class FakePodLogs:
+    """``CoreV1Api.read_namespaced_pod_log`` over a clock: ``lines`` maps a time to the lines the
+    pod printed then; a read returns those of the last ``since_seconds``, timestamped, or raises
+    ``errors[time]`` (an ApiException status) at those times."""
+
+    def __init__(self, lines, clock=None, errors=None):
+        self.lines, self.clock, self.errors = lines, clock, errors or {}
+        self.reads = []
+
+    def read_namespaced_pod_log(self, name, namespace, timestamps=False, since_seconds=None):
+        now = self.clock() if self.clock else 0.0
+        self.reads.append((name, namespace, since_seconds))
+        if now in self.errors:
+            raise ApiException(status=self.errors[now], reason="error")
+        out = []
+        for t in sorted(self.lines):
+            if now - since_seconds <= t <= now:
+                stamp = f"2026-11-23T10:{int(t) // 60:02d}:{int(t) % 60:02d}.000000000Z"
+                out += [f"{stamp} {line}" for line in self.lines[t]]
+        return "\n".join(out)
+
+
+def test_master_pod_log_lines_reach_the_step_log_once_each_in_order():
+    clock = FakeClock()
+    # The job runs for three polls (0, 10, 20 s); the pod prints across the windows, two lines
+    # with one timestamp, and is not there yet at the first poll (400: container creating).
+    pod = FakePodLogs({5.0: ["step 10 loss 7.1"], 12.0: ["step 20 loss 6.0", "step 20 again"],
+                       20.0: ["done"]}, clock=clock, errors={0.0: 400})
+    api = FakeCustomObjects([CREATED, RUNNING, SUCCEEDED])
+    lines = []
+    run_job(api, build_pytorchjob(_spec()), timeout_s=600, poll_s=10, log=lines.append, clock=clock,
+            sleep=clock.sleep, core_api=pod)
+    printed = [line for line in lines if line.startswith("[")]
+    assert printed == [f"[{_spec().name}-master-0] {m}" for m in
+                       ("step 10 loss 7.1", "step 20 loss 6.0", "step 20 again", "done")]
+    assert any("Succeeded" in line for line in lines)
+
+
+def test_pod_log_errors_other_than_not_ready_stop_following_but_not_the_watch():
+    clock = FakeClock()
+    pod = FakePodLogs({}, clock=clock, errors={0.0: 403})
+    api = FakeCustomObjects([RUNNING, SUCCEEDED])
+    lines = []
+    state = run_job(api, build_pytorchjob(_spec()), timeout_s=600, poll_s=10, log=lines.append, clock=clock,
+                    sleep=clock.sleep, core_api=pod)
+    assert state.phase == "Succeeded"
+    assert sum("cannot read the logs" in line for line in lines) == 1 and len(pod.reads) == 1
+
+
 def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator, tmp_path):
     """The pretrain step with launcher=pytorchjob: the job it submits validates, trains on the step's
     shards into the run's folder, and carries the run id as the wandb group."""
@@ -247,6 +296,8 @@ def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator,
 
     api = FakeCustomObjects([SUCCEEDED])
     monkeypatch.setattr(steps, "kubernetes_api", lambda: api)
+    core = FakePodLogs({})
+    monkeypatch.setattr(steps, "kubernetes_core_api", lambda: core)
     out = steps.pretrain("tiny", "s3://soho/shards/x", "s3://soho", "run-42", ["train.max_steps=3"],
                          launcher="pytorchjob", nodes=2, procs_per_node=1, gpus_per_node=1,
                          image="img:1", namespace="team-a", wandb_project="proj")
@@ -258,6 +309,7 @@ def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator,
     cmd = c["command"][c["command"].index("soho_core") + 1:]
     assert cmd == ["pretrain", "--config", "tiny", "--data", "s3://soho/shards/x", "--out", out,
                    "--set", "train.max_steps=3"]
+    assert core.reads and core.reads[0][:2] == ("soho-pretrain-run-42-master-0", "team-a")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["WANDB_RUN_GROUP"] == "run-42" and env["WANDB_PROJECT"] == "proj"
     with pytest.raises(ValueError, match="launcher"):

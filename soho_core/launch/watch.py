@@ -11,8 +11,10 @@ true and raises :class:`JobFailed` on ``Failed``, :class:`JobTimeout` past the d
 step is cancelled (SIGTERM, as Kubeflow sends on cancel, or Ctrl-C). On timeout and
 cancel the job is deleted, so no GPU keeps training for a run nobody waits for.
 
-Only four ``CustomObjectsApi`` methods are used (create, get, delete of a namespaced
-custom object), which is also the surface the tests fake.
+Only three ``CustomObjectsApi`` methods are used (create, get, delete of a namespaced
+custom object), and with a ``CoreV1Api`` one more, ``read_namespaced_pod_log``: the Master
+pod's new log lines are copied into the step's log at every poll (:class:`PodLogFollower`).
+That is also the surface the tests fake.
 """
 
 from __future__ import annotations
@@ -105,15 +107,62 @@ def delete_job(api, namespace: str, name: str, log: Callable[[str], None] = prin
             raise
 
 
+class PodLogFollower:
+    """Copies a pod's new log lines into the step's log, one poll at a time.
+
+    Each poll asks for the lines of the last ``window_s`` seconds with their timestamps and
+    prints those newer than the last one printed, so a line is printed once even though
+    windows overlap. A pod not there yet (or between restarts) is skipped quietly; any other
+    error is reported once and log following stops, never the watch."""
+
+    def __init__(self, core_api, namespace: str, pod: str, log: Callable[[str], None] = print):
+        self.api, self.namespace, self.pod, self.log = core_api, namespace, pod, log
+        self.last = ""  # RFC 3339 timestamp of the last line printed (they sort as strings)
+        self.seen_at_last: set[str] = set()
+        self.enabled = True
+
+    def poll(self, window_s: float) -> None:
+        if not self.enabled:
+            return
+        try:
+            text = self.api.read_namespaced_pod_log(self.pod, self.namespace, timestamps=True,
+                                                    since_seconds=max(1, int(window_s) + 1))
+        except Exception as err:
+            if _status_code(err) in (400, 404):  # not scheduled yet, or the container is starting
+                return
+            self.log(f"cannot read the logs of pod {self.namespace}/{self.pod} ({err}); following the job's "
+                     f"state only")
+            self.enabled = False
+            return
+        for line in (text or "").splitlines():
+            stamp, _, message = line.partition(" ")
+            if stamp < self.last or (stamp == self.last and message in self.seen_at_last):
+                continue
+            if stamp > self.last:
+                self.last, self.seen_at_last = stamp, set()
+            self.seen_at_last.add(message)
+            self.log(f"[{self.pod}] {message}")
+
+
+def master_pod(job_name: str) -> str:
+    """The training operator's name for the Master replica's pod."""
+    return f"{job_name}-master-0"
+
+
 def watch_job(api, namespace: str, name: str, timeout_s: float, poll_s: float = 10.0,
               log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep) -> JobState:
-    """Poll until the job ends; log each change of state. Returns the ``Succeeded`` state,
-    raises :class:`JobFailed`, :class:`JobTimeout` or :class:`JobVanished` (the job is left
-    as it is: :func:`run_job` decides what to delete)."""
+              sleep: Callable[[float], None] = time.sleep, logs: PodLogFollower | None = None) -> JobState:
+    """Poll until the job ends; log each change of state (and, with ``logs``, the Master's new
+    log lines). Returns the ``Succeeded`` state, raises :class:`JobFailed`, :class:`JobTimeout`
+    or :class:`JobVanished` (the job is left as it is: :func:`run_job` decides what to delete)."""
     deadline = clock() + timeout_s
     last: JobState | None = None
+    last_poll = clock()
     while True:
+        if logs is not None:
+            # The window since the previous poll, with slack: a slow poll must not lose lines.
+            logs.poll(clock() - last_poll + poll_s)
+            last_poll = clock()
         try:
             obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except Exception as err:
@@ -127,6 +176,8 @@ def watch_job(api, namespace: str, name: str, timeout_s: float, poll_s: float = 
             detail = "  ".join(x for x in (state.replicas, state.reason, state.message) if x)
             log(f"PyTorchJob {namespace}/{name}: {state.phase}" + (f"  ({detail})" if detail else ""))
             last = state
+        if state.done and logs is not None:
+            logs.poll(clock() - last_poll + poll_s)  # the last lines before the end
         if state.phase == "Succeeded":
             return state
         if state.phase == "Failed":
@@ -158,17 +209,19 @@ def _sigterm_as_cancel():
 
 def run_job(api, body: dict[str, Any], timeout_s: float, poll_s: float = 10.0,
             log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-            sleep: Callable[[float], None] = time.sleep) -> JobState:
+            sleep: Callable[[float], None] = time.sleep, core_api=None) -> JobState:
     """Create (or adopt) the job and follow it to ``Succeeded``; see the module docstring.
+    With ``core_api`` (a ``CoreV1Api``) the Master pod's log is copied into this one.
 
     A failed job is kept for its logs (the operator's TTL removes it); a timed-out or
     cancelled one is deleted. Every non-success raises a :class:`JobError`.
     """
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    logs = PodLogFollower(core_api, ns, master_pod(name), log) if core_api is not None else None
     with _sigterm_as_cancel():
         create_or_adopt(api, body, log)
         try:
-            return watch_job(api, ns, name, timeout_s, poll_s, log, clock, sleep)
+            return watch_job(api, ns, name, timeout_s, poll_s, log, clock, sleep, logs=logs)
         except (JobTimeout, JobCancelled, KeyboardInterrupt):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not stop the cleanup

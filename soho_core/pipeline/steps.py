@@ -168,7 +168,7 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
                        gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
                        s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
                        labels={"soho/pipeline-run": job_name("r", run_id)[2:]})
-        run_job(api, build_pytorchjob(spec), timeout_s=timeout_s)
+        run_job(api, build_pytorchjob(spec), timeout_s=timeout_s, core_api=kubernetes_core_api())
     else:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     return out
@@ -183,6 +183,13 @@ def kubernetes_api():
     except config.ConfigException:
         config.load_kube_config()
     return client.CustomObjectsApi()
+
+
+def kubernetes_core_api():
+    """``CoreV1Api`` (for pod logs), configured as :func:`kubernetes_api` configured the client."""
+    from kubernetes import client
+
+    return client.CoreV1Api()
 
 
 _NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
