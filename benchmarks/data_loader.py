@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
 
 from soho_core.config import load_config
 from soho_core.data.pretrain_data import pretrain_loader
@@ -57,15 +59,6 @@ TARGET = 0.8  # the loader with 2 workers should reach this fraction of the raw 
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def make_shards(world: Path, out: Path, fmt: str) -> list[bytes]:

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,22 +32,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
 from soho_core.config import load_config
 from soho_core.tasks.catalog import get_task
 from soho_core.train.engine import load_task_model, train
 
 TEST_FRACTION = 0.1  # the synthetic world's default test split
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def finetune(work: Path, preset: str, steps: int, test_images: int, init: str | None) -> tuple[str, str, float]:

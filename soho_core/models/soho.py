@@ -155,15 +155,25 @@ class SohoModel(nn.Module):
     # ------------------------------------------------------------------ fusion
 
     def fuse(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualOutput,
-             image_index: torch.Tensor) -> torch.Tensor:
+             image_index: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask (T, L); image_index (T,) long row of ``visual`` per text.
 
         Each image's tokens are gathered for its texts; the CNN is not run again.
-        Returns hidden states (T, L + N, d).
+        Returns hidden states (T, L + N, d); with ``rows`` (T, L + N) bool, only those
+        positions' (R, d), the last layer run there alone (see ``FusionEncoder.forward``).
         """
         tokens = visual.tokens.index_select(0, image_index)
         vmask = visual.mask.index_select(0, image_index)
-        return self.fusion(input_ids, attention_mask, tokens, vmask)
+        return self.fusion(input_ids, attention_mask, tokens, vmask, rows=rows)
+
+    def fuse_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualOutput,
+                 image_index: torch.Tensor) -> torch.Tensor:
+        """(T, d) fused [CLS] outputs, what the task heads read: ``fuse(...)[:, 0]`` without the
+        last layer's work at every other position."""
+        rows = torch.zeros(input_ids.shape[0], input_ids.shape[1] + visual.mask.shape[1], dtype=torch.bool,
+                           device=input_ids.device)
+        rows[:, 0] = True
+        return self.fuse(input_ids, attention_mask, visual, image_index, rows=rows)
 
     @staticmethod
     def pool(visual: VisualOutput) -> torch.Tensor:
@@ -176,7 +186,9 @@ class SohoModel(nn.Module):
         text stream goes through the same code (embeddings, key mask) and weights as when fused."""
         none = self.fusion.word_embedding_weight.new_zeros(input_ids.shape[0], 0, self.dim)
         empty = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
-        return self.fusion(input_ids, attention_mask, none, empty)[:, 0]
+        cls = torch.zeros_like(input_ids, dtype=torch.bool)
+        cls[:, 0] = True
+        return self.fusion(input_ids, attention_mask, none, empty, rows=cls)
 
     # ------------------------------------------------------------------ pre-training
 
@@ -194,25 +206,41 @@ class SohoModel(nn.Module):
         """
         weights = {"mlm": 1.0, "mvm": 1.0, "itm": 1.0, "itc": 1.0, **(loss_weights or {})}
         visual = self.encode_images(images, image_sizes, mvm_prob)
-        hidden = self.fuse(input_ids, attention_mask, visual, image_index)
         text_len = input_ids.shape[1]
 
         # A masked visual word can be the very object a caption names, which makes "does
         # this caption match?" unanswerable: ITM is scored only on texts whose image was
         # shown whole. (The release masks 1.5% of images, so it rarely meets this.)
         image_whole = (visual.mvm_labels == IGNORE).all(1).index_select(0, image_index)
-        loss_itm, acc_itm = _scored_ce(self.itm_head(hidden[:, 0][image_whole]), itm_labels[image_whole])
-
-        # The decoder sees only the masked text rows: (M, d), not (T, L + N, d).
         mlm_rows = mlm_labels != IGNORE
-        loss_mlm, acc_mlm = _scored_ce(self.mlm_head(hidden[:, :text_len][mlm_rows]), mlm_labels[mlm_rows])
-
+        mvm_rows = None
         if self.dictionary is not None:
             # A mismatched caption says nothing about the masked region, so only matched
             # pairs are asked to recover it.
             vis_labels = visual.mvm_labels.index_select(0, image_index)
             mvm_rows = (vis_labels != IGNORE) & (itm_labels[:, None] == 1)
-            logits = self.mvm_head(hidden[:, text_len:][mvm_rows], self.dictionary.embedding)
+
+        # The heads read three kinds of rows: every [CLS] (ITM), the masked words (MLM) and the
+        # masked visual words of matched pairs (MVM). The fusion encoder's last layer runs only
+        # there, and each head gets its rows of the (R, d) result: never (T, L + N, d) through
+        # a head, nor the last layer's feed-forward at positions no loss reads.
+        rows = torch.zeros(input_ids.shape[0], text_len + visual.mask.shape[1], dtype=torch.bool,
+                           device=input_ids.device)
+        rows[:, 0] = True
+        rows[:, :text_len] |= mlm_rows
+        if mvm_rows is not None:
+            rows[:, text_len:] |= mvm_rows
+        hidden = self.fuse(input_ids, attention_mask, visual, image_index, rows=rows)  # (R, d)
+        where = rows.flatten().cumsum(0).view(rows.shape) - 1  # row of ``hidden`` for each position
+
+        cls = hidden.index_select(0, where[:, 0][image_whole])
+        loss_itm, acc_itm = _scored_ce(self.itm_head(cls), itm_labels[image_whole])
+        words = hidden.index_select(0, where[:, :text_len][mlm_rows])
+        loss_mlm, acc_mlm = _scored_ce(self.mlm_head(words), mlm_labels[mlm_rows])
+
+        if mvm_rows is not None:
+            masked = hidden.index_select(0, where[:, text_len:][mvm_rows])
+            logits = self.mvm_head(masked, self.dictionary.embedding)
             loss_mvm, acc_mvm = _scored_ce(logits, vis_labels[mvm_rows])
             num_mvm = int(mvm_rows.sum())
         else:

@@ -103,14 +103,17 @@ class VisualDictionary(nn.Module):
         """
         x = x.detach().float()
         k, d = self.size, self.dim
-        sums = torch.zeros(k, d, device=x.device).index_add_(0, idx, x)
-        counts = torch.bincount(idx, minlength=k).to(x.dtype)
-        stats = _all_reduce_sum_(torch.cat([sums, counts[:, None]], 1))  # one collective, not two
+        # Sums and counts side by side in one (K, d+1) buffer: one collective, not two.
+        stats = torch.zeros(k, d + 1, device=x.device)
+        stats[:, :d].index_add_(0, idx, x)
+        stats[:, d] = torch.bincount(idx, minlength=k).to(x.dtype)
+        stats = _all_reduce_sum_(stats)
         sums, counts = stats[:, :d], stats[:, d]
 
         decay = self.current_decay()
-        self.ema_count.mul_(decay).add_(counts * (1.0 - decay))
-        self.ema_sum.mul_(decay).add_(sums * (1.0 - decay))
+        # ema = decay * ema + (1 - decay) * new, in one pass over each buffer
+        self.ema_count.lerp_(counts, 1.0 - decay)
+        self.ema_sum.lerp_(sums, 1.0 - decay)
         n = self.ema_count.sum()
         eps = self.cfg.laplace_eps
         smoothed = (self.ema_count + eps) / (n + k * eps) * n
@@ -174,15 +177,20 @@ class VisualDictionary(nn.Module):
         Returns q (B, N, d) straight-through quantised (q = v at padding) and idx (B, N) long,
         -1 at padding.
         """
-        flat = v[mask]
+        flat = v.detach()[mask]  # (M, d)
         idx_valid = self.assign(flat)
-        quant = v.detach().clone()
-        quant[mask] = self.embedding[idx_valid].to(v.dtype)
+        step = self.embedding[idx_valid].to(v.dtype)  # a copy: the pre-update entries
         if self.training:
             self.update(flat, idx_valid)
-        # The forward value is the embedding, the gradient is the identity: the backbone learns
-        # as if the quantiser were not there.
-        q = v + (quant - v).detach()
+        # The forward value is the embedding, the gradient is the identity (the backbone learns
+        # as if the quantiser were not there): q = v + stopgrad(e - v), and q = v at padding.
+        # Built in place so that at most two (B, N, d) copies are alive at once.
+        step.sub_(flat)
+        del flat
+        delta = torch.zeros_like(v)
+        delta[mask] = step
+        del step
+        q = v + delta
         idx = torch.full(mask.shape, -1, dtype=torch.long, device=v.device)
         idx[mask] = idx_valid
         return q, idx

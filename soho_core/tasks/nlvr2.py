@@ -114,8 +114,8 @@ class NLVR2Model(TaskModel):
         "the left image ..." can differ from "the right image ...".
         """
         visual = self.trunk.encode_images(images, image_sizes)
-        left = self.trunk.fuse(input_ids, attention_mask, visual, left_index)[:, 0]
-        right = self.trunk.fuse(input_ids, attention_mask, visual, right_index)[:, 0]
+        left = self.trunk.fuse_cls(input_ids, attention_mask, visual, left_index)
+        right = self.trunk.fuse_cls(input_ids, attention_mask, visual, right_index)
         return self.head(torch.cat([left, right], dim=1)).float()
 
     def forward(self, images, image_sizes, input_ids, attention_mask, left_index, right_index,

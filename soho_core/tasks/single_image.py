@@ -111,5 +111,4 @@ class SingleImageClassifier(TaskModel):
     def logits(self, images, image_sizes, input_ids, attention_mask, image_index) -> torch.Tensor:
         """(T, num_outputs) from the fused [CLS] of each text with its image."""
         visual = self.trunk.encode_images(images, image_sizes)
-        hidden = self.trunk.fuse(input_ids, attention_mask, visual, image_index)
-        return self.head(hidden[:, 0]).float()
+        return self.head(self.trunk.fuse_cls(input_ids, attention_mask, visual, image_index)).float()

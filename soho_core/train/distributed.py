@@ -3,6 +3,7 @@ multi-node PyTorchJob all go through :func:`init_distributed`. gloo on CPU, nccl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,8 +37,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        backend, timeout = ("nccl" if dev.type == "cuda" else "gloo"), timedelta(minutes=10)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_attempt_store(env.rank, env.world_size, env.torchelastic_restart,
+                                                                 timeout),
+                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return DistInfo(env.rank, env.local_rank, env.world_size, dev)
+
+
+def _attempt_store(rank: int, world_size: int, attempt: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store of this torchrun attempt, under a prefix of its own.
+
+    torchrun keeps one TCP store for the whole job (the agent's, shared with the workers) and
+    every restarted worker group finds the keys the previous group wrote there. Without a
+    prefix per attempt, a restarted worker can read the address a dead peer published and fail
+    with "Gloo connectFullMesh failed ... Connection refused", which costs a restart each time.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"soho/attempt-{attempt}", store)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

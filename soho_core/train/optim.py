@@ -20,7 +20,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1
             continue
         # Biases and norm scales are not weight-decayed (standard for BERT).
         groups.setdefault((id(p) in heads, p.ndim > 1), []).append(p)
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    # The fused kernels update every tensor in one pass: on a 2-core CPU, AdamW over the res18
+    # model (58M parameters, half of them the tied word embedding) took 0.17 s per step with the
+    # default per-tensor loop and 0.04 s fused; SGD 0.11 s -> 0.03 s.
+    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
     opts = [torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0,
                                 "lr": cfg.lr * (head_lr_mult if head else 1.0)}
                                for (head, decayed), ps in sorted(groups.items())], lr=cfg.lr, **fused)]
@@ -28,7 +31,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1
     if cnn and cfg.backbone_lr > 0:
         if cfg.backbone_optimizer == "sgd":
             opts.append(torch.optim.SGD(cnn, lr=cfg.backbone_lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay))
+                                        weight_decay=cfg.weight_decay, **fused))
         else:
             opts.append(torch.optim.AdamW(cnn, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay, **fused))
     return opts
