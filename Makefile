@@ -27,16 +27,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Speed (issue 8), not part of `make test`: dictionary, pre-training step, VQA inference against
-# the region-based pipeline. Each prints what it ran on and ends with one JSON line; all of them
-# are gathered in $(BENCH_OUT)/*.json and printed again at the end. About 10 minutes on 2 CPU cores.
+# Speed, not part of `make test`: dictionary, pre-training step, VQA inference against the
+# region-based pipeline, and the shard loader against raw decoding. Each prints what it ran on and
+# ends with one JSON line; all of them are gathered in $(BENCH_OUT)/*.json and printed again at
+# the end. About 12 minutes on 2 CPU cores.
 BENCH_OUT ?= bench-out
 bench: $(STAMP)
 	$(PY) benchmarks/dictionary.py --json-out $(BENCH_OUT)/dictionary.json
 	$(PY) benchmarks/train_step.py --json-out $(BENCH_OUT)/train_step.json
 	$(PY) benchmarks/inference.py --json-out $(BENCH_OUT)/inference.json
+	$(PY) benchmarks/data_loader.py --json-out $(BENCH_OUT)/data_loader.json
 	@echo "== $(BENCH_OUT)/*.json =="
-	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json
+	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json \
+		$(BENCH_OUT)/data_loader.json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import emit, machine  # noqa: E402
 
 from soho_core.config import load_config
 from soho_core.data.pretrain_data import pretrain_loader
@@ -167,16 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measurements of each figure, taking turns")
     p.add_argument("--train-steps", type=int, default=10, help="pre-training steps to time (0: skip)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the preset's; a real BERT word-piece "
+                                       "vocabulary costs more per caption than the synthetic one)")
+    p.add_argument("--json-out", help="also write the JSON line to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)
     size = args.image_size or cfg.data.image_max
-    tokenizer = build_tokenizer(cfg.model.fusion.tokenizer)
+    tokenizer = build_tokenizer(args.tokenizer or cfg.model.fusion.tokenizer)
     print(f"machine: {machine()}\ntorch threads: {torch.get_num_threads()}, loader workers: "
           f"{', '.join(map(str, WORKERS))}\nimages: {args.images} scenes stored at {size} px as {args.format}, "
           f"loaded at {cfg.data.image_min}-{cfg.data.image_max} px\npreset: {args.preset} "
-          f"(batch {cfg.data.images_per_batch} images, shuffle buffer {cfg.data.shuffle_buffer})", flush=True)
+          f"(batch {cfg.data.images_per_batch} images, shuffle buffer {cfg.data.shuffle_buffer}), tokenizer "
+          f"{args.tokenizer or cfg.model.fusion.tokenizer} ({len(tokenizer)} word pieces)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="soho-bench-loader-") as tmp:
         work = Path(tmp)
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(images)} train images, {sum(map(len, images)) / len(images) / 1024:.1f} KiB each")
         result: dict = {"benchmark": "data_loader", "machine": machine(), "preset": args.preset,
                         "image_size": size, "input_size": [cfg.data.image_min, cfg.data.image_max],
-                        "format": args.format, "train_images": len(images), "threads": torch.get_num_threads()}
+                        "format": args.format, "train_images": len(images), "threads": torch.get_num_threads(),
+                        "tokenizer_size": len(tokenizer)}
         with s3_server():
             import boto3
             import fsspec
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" = {r / result['train_images_per_s']:.1f} x training" if "train_images_per_s" in result else ""))
     if "train_images_per_s" in result:
         print(f"training ({args.preset}): {result['train_images_per_s']:.1f} images/s")
-    print(json.dumps(result))
+    emit(result, args.json_out)
     return 0
 
 

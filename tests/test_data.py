@@ -1,8 +1,11 @@
+import dataclasses
 import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -12,7 +15,7 @@ from soho_core.data.masking import IGNORE, mask_tokens
 from soho_core.data.pretrain_data import pretrain_loader
 from soho_core.data.shards import ShardSink, load_index, shard_synthetic, write_index
 from soho_core.data.tokenizer import build_tokenizer
-from soho_core.data.transforms import fit_size, pad_batch
+from soho_core.data.transforms import fit_size, normalize_padded, pad_batch
 
 
 def _captions(synthetic_dir):
@@ -36,9 +39,13 @@ def test_minilm_tokenizer_directory_keeps_real_words():
     assert tok.unk_token_id not in ids and len(tok) == 30522
 
 
-def test_bad_tokenizer_names_field():
+def test_bad_tokenizer_names_field(tmp_path):
     with pytest.raises(ValueError, match="model.fusion.tokenizer"):
         build_tokenizer("/nonexistent/tokenizer")
+    # A directory without vocabulary files: transformers returns a tokenizer of the special tokens
+    # alone (every word [UNK]) instead of failing; this must fail.
+    with pytest.raises(ValueError, match="model.fusion.tokenizer"):
+        build_tokenizer(str(tmp_path))
 
 
 def test_fit_size_follows_release_rule():
@@ -53,6 +60,35 @@ def test_pad_batch_keeps_valid_sizes_and_divisor():
     assert images.shape == (2, 3, 96, 96)
     assert sizes.tolist() == [[40, 70], [65, 30]]
     assert images[0, :, 40:].abs().sum() == 0 and images[0, :, :40, :70].abs().sum() > 0
+
+
+def test_uint8_batches_normalised_by_the_model_equal_normalised_batches():
+    """The loaders pass uint8 batches and the model normalises them (padding 0): the same
+    numbers as a batch normalised in the worker."""
+    g = torch.Generator().manual_seed(0)
+    ims = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((40, 70), (65, 30), (64, 96))]
+    expect, sizes = pad_batch(ims, 32)
+    raw, raw_sizes = pad_batch(ims, 32, normalise=False)
+    assert raw.dtype == torch.uint8 and torch.equal(sizes, raw_sizes)
+    assert torch.equal(normalize_padded(raw, raw_sizes), expect)
+
+
+def test_batches_cross_from_workers_with_small_tensors_inline():
+    """A batch leaving a loader worker carries its small tensors as NumPy arrays (inside the
+    pickle, no shared-memory segment each) and comes back unchanged."""
+    from soho_core.data.loader import INLINE_BYTES, from_the_wire, to_the_wire
+    from soho_core.data.pretrain_data import PretrainBatch
+
+    batch = PretrainBatch(torch.zeros(2, 3, 1024, 1024, dtype=torch.uint8), torch.tensor([[1024, 1024], [200, 100]]),
+                          torch.arange(24).view(4, 6), torch.ones(4, 6, dtype=torch.long),
+                          torch.full((4, 6), -100), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 1, 1]), skipped=3)
+    assert batch.images.numel() >= INLINE_BYTES
+    wire = to_the_wire(batch)
+    assert isinstance(wire.images, torch.Tensor) and isinstance(wire.input_ids, np.ndarray)
+    back = from_the_wire(pickle.loads(pickle.dumps(wire)))
+    for f in dataclasses.fields(batch):
+        a, b = getattr(batch, f.name), getattr(back, f.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
 
 
 def test_mask_tokens_labels_only_masked_positions_of_matched_rows():

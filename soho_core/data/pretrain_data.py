@@ -17,12 +17,13 @@ import torch
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.masking import IGNORE, mask_tokens
+from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 
 
 @dataclass
 class PretrainBatch:
-    images: torch.Tensor  # (B, 3, H, W) float, normalised, zero-padded to a multiple of size_divisor
+    images: torch.Tensor  # (B, 3, H, W) uint8, zero-padded to a multiple of size_divisor (the model normalises)
     image_sizes: torch.Tensor  # (B, 2) long: valid (height, width) in pixels
     input_ids: torch.Tensor  # (T, L) long, MLM-masked word pieces, T = B * sentence_group
     attention_mask: torch.Tensor  # (T, L) long, 1 = real token
@@ -57,7 +58,7 @@ class PretrainCollator:
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> PretrainBatch:
         rng, group = self.random.rng, self.cfg.data.sentence_group
-        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor)
+        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor, normalise=False)
         texts, image_index, itm = [], [], []
         for i, s in enumerate(samples):
             caps = s["record"]["captions"]
@@ -71,9 +72,7 @@ class PretrainCollator:
                 texts.append(text)
                 image_index.append(i)
                 itm.append(label)
-        enc = self.tok(texts, padding="longest", truncation=True,
-                       max_length=self.cfg.model.fusion.max_text_len, return_tensors="pt")
-        ids = enc["input_ids"]
+        ids, attention_mask = encode_texts(self.tok, texts, self.cfg.model.fusion.max_text_len)
         special = torch.isin(ids, torch.tensor(self.tok.all_special_ids))
         itm_labels = torch.tensor(itm, dtype=torch.long)
         # Every text is masked alike, and only matched ones are scored: were mismatched captions
@@ -83,7 +82,7 @@ class PretrainCollator:
             self.tok.mask_token_id, first_word_id=max(self.tok.all_special_ids) + 1, vocab_size=len(self.tok),
             generator=self.random.gen)
         mlm_labels[itm_labels == 0] = IGNORE
-        return PretrainBatch(images, image_sizes, ids, enc["attention_mask"], mlm_labels,
+        return PretrainBatch(images, image_sizes, ids, attention_mask, mlm_labels,
                              torch.tensor(image_index, dtype=torch.long), itm_labels, skipped=counter.take())
 
 

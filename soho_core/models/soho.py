@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soho_core.config import ModelConfig
+from soho_core.data.transforms import normalize_padded
 from soho_core.models.backbone import Backbone
 from soho_core.models.fusion import FusionEncoder
 from soho_core.models.heads import ITCHead, ITMHead, MLMHead, MVMHead
@@ -112,10 +113,13 @@ class SohoModel(nn.Module):
                       mvm_prob: float = 0.0) -> VisualOutput:
         """Run the visual path once per image.
 
-        images (B, 3, H, W) normalised and zero-padded; image_sizes (B, 2) long valid
+        images (B, 3, H, W) normalised and zero-padded, or uint8 padded (as the loaders give
+        them: normalised here, on the model's device); image_sizes (B, 2) long valid
         (height, width) in pixels. mvm_prob: chance each image gets one visual word masked
         (training mode with a dictionary only; evaluation never masks).
         """
+        if images.dtype == torch.uint8:
+            images = normalize_padded(images, image_sizes)
         feats = self.backbone(images)
         v, mask, grid = self.visual.project(feats, image_sizes)
         labels = torch.full(mask.shape, IGNORE, dtype=torch.long, device=v.device)

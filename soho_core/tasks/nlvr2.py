@@ -21,6 +21,7 @@ from torch import nn
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
+from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.tasks.base import (EvalResult, StepOutput, Task, TaskModel, TensorBatch, classification_output,
                                   evaluate_classifier)
@@ -46,7 +47,7 @@ def statement_of(entry: dict[str, Any]) -> str:
 
 @dataclass
 class PairBatch(TensorBatch):
-    images: torch.Tensor  # (2P, 3, H, W) float, normalised and padded: pair p's left at 2p, right at 2p + 1
+    images: torch.Tensor  # (2P, 3, H, W) uint8, padded (the model normalises): pair p's left at 2p, right at 2p + 1
     image_sizes: torch.Tensor  # (2P, 2) long valid (height, width)
     input_ids: torch.Tensor  # (S, L) long
     attention_mask: torch.Tensor  # (S, L) long
@@ -70,7 +71,8 @@ class PairCollator:
         self.tok, self.cfg, self.train, self.random = tokenizer, cfg, train, WorkerRandom(seed)
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> PairBatch:
-        images, image_sizes = pad_batch([im for s in samples for im in s["images"]], self.cfg.data.size_divisor)
+        images, image_sizes = pad_batch([im for s in samples for im in s["images"]], self.cfg.data.size_divisor,
+                                        normalise=False)
         entries, left, image_ids = [], [], []
         for p, s in enumerate(samples):
             items = s["record"]["statements"]
@@ -79,10 +81,10 @@ class PairCollator:
             entries += items
             left += [2 * p] * len(items)
             image_ids += [s["record"].get("left_image_id", ""), s["record"].get("right_image_id", "")]
-        enc = self.tok([statement_of(e) for e in entries], padding="longest", truncation=True,
-                       max_length=self.cfg.model.fusion.max_text_len, return_tensors="pt")
+        ids, attention_mask = encode_texts(self.tok, [statement_of(e) for e in entries],
+                                           self.cfg.model.fusion.max_text_len)
         left_index = torch.tensor(left, dtype=torch.long)
-        return PairBatch(images, image_sizes, enc["input_ids"], enc["attention_mask"], left_index, left_index + 1,
+        return PairBatch(images, image_sizes, ids, attention_mask, left_index, left_index + 1,
                          torch.tensor([label_of(e) for e in entries], dtype=torch.long),
                          ids=[str(e.get("id", "")) for e in entries], entries=entries,
                          pair_ids=[str(s["record"].get("id", s["key"])) for s in samples], image_ids=image_ids,

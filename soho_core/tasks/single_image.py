@@ -16,6 +16,7 @@ from torch import nn
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
 from soho_core.data.pretrain_data import sample_group
+from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.models import SohoModel
 from soho_core.tasks.base import TaskModel, TensorBatch
@@ -23,7 +24,7 @@ from soho_core.tasks.base import TaskModel, TensorBatch
 
 @dataclass
 class GroupedBatch(TensorBatch):
-    images: torch.Tensor  # (B, 3, H, W) float, normalised and padded
+    images: torch.Tensor  # (B, 3, H, W) uint8, padded (the model normalises)
     image_sizes: torch.Tensor  # (B, 2) long valid (height, width)
     input_ids: torch.Tensor  # (T, L) long
     attention_mask: torch.Tensor  # (T, L) long
@@ -48,7 +49,7 @@ class GroupedCollator:
         self.items_key, self.text_of, self.target_of, self.stack = items_key, text_of, target_of, stack
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> GroupedBatch:
-        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor)
+        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor, normalise=False)
         entries, image_index = [], []
         for i, s in enumerate(samples):
             items = s["record"][self.items_key]
@@ -56,9 +57,9 @@ class GroupedCollator:
                 items = sample_group(items, self.cfg.data.sentence_group, self.random.rng)
             entries += items
             image_index += [i] * len(items)
-        enc = self.tok([self.text_of(e) for e in entries], padding="longest", truncation=True,
-                       max_length=self.cfg.model.fusion.max_text_len, return_tensors="pt")
-        return GroupedBatch(images, image_sizes, enc["input_ids"], enc["attention_mask"],
+        ids, attention_mask = encode_texts(self.tok, [self.text_of(e) for e in entries],
+                                           self.cfg.model.fusion.max_text_len)
+        return GroupedBatch(images, image_sizes, ids, attention_mask,
                             torch.tensor(image_index, dtype=torch.long),
                             self.stack([self.target_of(e) for e in entries]),
                             ids=[str(e.get("id", e.get("question_id", ""))) for e in entries], entries=entries,
