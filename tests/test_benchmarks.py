@@ -60,6 +60,22 @@ def test_dictionary_benchmark_smoke():
     assert all(c["ms"] > 0 and c["peak_mb"] > 0 for c in out["cases"])
 
 
+def test_data_loader_benchmark_runs_and_prints_its_ratios():
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    run = subprocess.run([sys.executable, str(BENCH / "data_loader.py"), "--images", "60", "--seconds", "0.3",
+                          "--rounds", "1", "--train-steps", "0"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"benchmark", "machine", "threads", "raw_decode_per_s", "loader_per_s", "loader_over_raw",
+            "meets_target", "worker_ms_per_sample"} <= set(out)
+    assert set(out["loader_over_raw"]) == {"local_w0", "local_w2", "s3_w0", "s3_w2"}
+    assert all(r > 0 for r in out["loader_over_raw"].values())
+    assert set(out["worker_ms_per_sample"]) == {"read_tar", "decode", "collate"}
+    assert all(ms > 0 for ms in out["worker_ms_per_sample"].values())
+    assert "x raw" in run.stdout  # the ratios are printed for a person too
+
+
 def _load_inference_module():
     spec = importlib.util.spec_from_file_location("bench_inference", BENCH / "inference.py")
     module = importlib.util.module_from_spec(spec)
