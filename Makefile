@@ -31,7 +31,7 @@ test: $(STAMP)
 # region-based pipeline, and the shard loader against raw decoding (the demo's 128-px PNGs, and
 # 640-px JPEG photos loaded at the release's 600x1000 with BERT word pieces). Each prints what it ran on and
 # ends with one JSON line; all of them are gathered in $(BENCH_OUT)/*.json and printed again at
-# the end. About 15 minutes on 2 CPU cores.
+# the end. About 13 minutes on 2 CPU cores.
 BENCH_OUT ?= bench-out
 bench: $(STAMP)
 	$(PY) benchmarks/dictionary.py --json-out $(BENCH_OUT)/dictionary.json
