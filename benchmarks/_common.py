@@ -7,6 +7,7 @@ things measured in the same process, interleaved where that matters (see ``inter
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,6 +46,16 @@ def setup(threads: int, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     return {"machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "load_avg_1m": load_average()}
+
+
+def add_run_options(p: argparse.ArgumentParser, warmup: int) -> None:
+    """The options every timing benchmark takes: threads, timed and warm-up iterations, the
+    miniature run the tests use, and where to write the JSON line."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--smoke", action="store_true", help="miniature sizes and 1 iteration (for tests)")
+    p.add_argument("--json-out", help="also write the JSON line to this file")
 
 
 def say(*lines: str) -> None:

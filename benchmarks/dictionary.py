@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, median_time, peak_cpu_memory, say, setup  # noqa: E402
+from _common import add_run_options, emit, median_time, peak_cpu_memory, say, setup  # noqa: E402
 
 from soho_core.config import load_config  # noqa: E402
 from soho_core.models.visual_dictionary import _CHUNK_ELEMENTS, VisualDictionary  # noqa: E402
@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="res18", help="dictionary size and width come from this preset")
     p.add_argument("--vectors", default="240,10240,65536", help="N values to measure")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--smoke", action="store_true", help="miniature sizes and 1 iteration (for tests)")
-    p.add_argument("--json-out", help="also write the JSON line to this file")
+    add_run_options(p, warmup=2)
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.vectors, args.iters, args.warmup = "tiny", "64,2000", 1, 0

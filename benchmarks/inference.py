@@ -58,7 +58,7 @@ from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetw
 from torchvision.ops import RoIAlign, batched_nms, box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count_flops, emit, interleaved, say, setup  # noqa: E402
+from _common import add_run_options, count_flops, emit, interleaved, say, setup  # noqa: E402
 
 from soho_core.config import load_config  # noqa: E402
 from soho_core.data.transforms import pad_batch  # noqa: E402
@@ -274,12 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--boxes", default="36,100", help="detections kept (the first one gives `speedup`)")
     p.add_argument("--proposals", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    add_run_options(p, warmup=1)
     p.add_argument("--no-stock", action="store_true", help="skip torchvision's fasterrcnn_resnet50_fpn")
-    p.add_argument("--smoke", action="store_true", help="miniature sizes and 1 iteration (for tests)")
-    p.add_argument("--json-out", help="also write the JSON line to this file")
     args = p.parse_args(argv)
     if args.smoke:
         args.presets, args.height, args.width, args.boxes, args.proposals = "tiny", 64, 96, "4", 8

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (conv_peak_fn, count_flops, emit, interleaved, matmul_peak_fn,  # noqa: E402
+from _common import (add_run_options, conv_peak_fn, count_flops, emit, interleaved, matmul_peak_fn,  # noqa: E402
                      op_profile, say, setup)
 
 from soho_core.config import load_config  # noqa: E402
@@ -149,14 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=384)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--text-len", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    add_run_options(p, warmup=2)
     p.add_argument("--release-iters", type=int, default=2, help="timed steps of the release-like variant (0: skip)")
     p.add_argument("--peak-size", type=int, default=4096)
     p.add_argument("--profile", action="store_true", help="add the ops with most self time to the JSON")
-    p.add_argument("--smoke", action="store_true", help="miniature sizes and 1 iteration (for tests)")
-    p.add_argument("--json-out", help="also write the JSON line to this file")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.images, args.group, args.height, args.width, args.text_len = "tiny", 2, 2, 64, 64, 8
