@@ -61,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_options, count_flops, emit, interleaved, say, setup  # noqa: E402
 
 from soho_core.config import load_config  # noqa: E402
-from soho_core.data.transforms import pad_batch  # noqa: E402
+from soho_core.data.transforms import normalize_padded, pad_batch  # noqa: E402
+from soho_core.models.soho import cls_rows  # noqa: E402
 from soho_core.tasks.vqa import VQAModel  # noqa: E402
 
 BERT_VOCAB = 30522
@@ -217,13 +218,13 @@ class RegionVQA(nn.Module):
         self.fusion, self.head = soho.trunk.fusion, soho.head  # shared: the same transformer
 
     def logits(self, images, image_sizes, input_ids, attention_mask) -> torch.Tensor:
-        features, boxes = self.detector(images, image_sizes)
+        # The uint8 batch normalised here, as SohoModel.encode_images does it for SOHO.
+        features, boxes = self.detector(normalize_padded(images, image_sizes), image_sizes)
         h, w = (int(v) for v in image_sizes[0])
         tokens = self.embed(features, boxes, (h, w))
         mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
         t0 = time.perf_counter()
-        cls = torch.zeros(1, input_ids.shape[1] + tokens.shape[1], dtype=torch.bool)
-        cls[:, 0] = True  # the last layer at [CLS] only, the cheapest way to run this transformer
+        cls = cls_rows(1, input_ids.shape[1] + tokens.shape[1])  # the last layer at [CLS] only: its cheapest run
         out = self.head(self.fusion(input_ids, attention_mask, tokens, mask, rows=cls)).float()
         self.detector.stage_ms["fusion_and_head"] = (time.perf_counter() - t0) * 1e3
         return out

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from torch.testing import assert_close
 
 from soho_core.config import load_config
 from soho_core.data.masking import IGNORE, mask_tokens
 from soho_core.data.pretrain_data import pretrain_loader
 from soho_core.data.shards import ShardSink, load_index, shard_synthetic, write_index
 from soho_core.data.tokenizer import build_tokenizer
-from soho_core.data.transforms import fit_size, normalize_padded, pad_batch
+from soho_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, fit_size, normalize_padded, pad_batch
 
 
 def _captions(synthetic_dir):
@@ -55,22 +56,25 @@ def test_fit_size_follows_release_rule():
 
 
 def test_pad_batch_keeps_valid_sizes_and_divisor():
-    a, b = torch.zeros(3, 40, 70, dtype=torch.uint8), torch.zeros(3, 65, 30, dtype=torch.uint8)
+    a, b = torch.full((3, 40, 70), 7, dtype=torch.uint8), torch.full((3, 65, 30), 9, dtype=torch.uint8)
     images, sizes = pad_batch([a, b], 32)
-    assert images.shape == (2, 3, 96, 96)
+    assert images.shape == (2, 3, 96, 96) and images.dtype == torch.uint8
     assert sizes.tolist() == [[40, 70], [65, 30]]
-    assert images[0, :, 40:].abs().sum() == 0 and images[0, :, :40, :70].abs().sum() > 0
+    assert torch.equal(images[0, :, :40, :70], a) and torch.equal(images[1, :, :65, :30], b)
+    assert images[0, :, 40:].sum() == 0 and images[0, :, :, 70:].sum() == 0 and images[1, :, :, 30:].sum() == 0
 
 
-def test_uint8_batches_normalised_by_the_model_equal_normalised_batches():
-    """The loaders pass uint8 batches and the model normalises them (padding 0): the same
-    numbers as a batch normalised in the worker."""
+def test_the_model_normalises_padded_uint8_batches_with_imagenet_statistics():
+    """The loaders pass uint8 batches and the model normalises them: each image by the ImageNet
+    mean and std, and the padding 0 (the normalised mean colour)."""
     g = torch.Generator().manual_seed(0)
     ims = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((40, 70), (65, 30), (64, 96))]
-    expect, sizes = pad_batch(ims, 32)
-    raw, raw_sizes = pad_batch(ims, 32, normalise=False)
-    assert raw.dtype == torch.uint8 and torch.equal(sizes, raw_sizes)
-    assert torch.equal(normalize_padded(raw, raw_sizes), expect)
+    raw, sizes = pad_batch(ims, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expect = torch.zeros(raw.shape)
+    for i, im in enumerate(ims):
+        expect[i, :, : im.shape[1], : im.shape[2]] = (im.float() / 255 - mean) / std
+    assert_close(normalize_padded(raw, sizes), expect)
 
 
 def test_batches_cross_from_workers_with_small_tensors_inline():

@@ -66,8 +66,7 @@ def test_batch_pairs_each_statement_with_its_own_left_and_right_images(world):
     # Row 0 is the first pair's left.png, row 1 its right.png, pixel for pixel.
     for row in (0, 1):
         png = (synth / "images" / f"{batch.image_ids[row]}.png").read_bytes()
-        expect, _ = pad_batch([decode_image(png, cfg.data.image_min, cfg.data.image_max)], cfg.data.size_divisor,
-                              normalise=False)
+        expect, _ = pad_batch([decode_image(png, cfg.data.image_min, cfg.data.image_max)], cfg.data.size_divisor)
         assert torch.equal(batch.images[row], expect[0])
     # Training samples sentence_group statements per pair (synthetic pairs have 2).
     assert _first_batch(shards, train=True, cfg=cfg).num_texts == pairs * cfg.data.sentence_group

@@ -58,7 +58,7 @@ class PretrainCollator:
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> PretrainBatch:
         rng, group = self.random.rng, self.cfg.data.sentence_group
-        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor, normalise=False)
+        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor)
         texts, image_index, itm = [], [], []
         for i, s in enumerate(samples):
             caps = s["record"]["captions"]

@@ -65,6 +65,14 @@ class PretrainOutput:
     acc_itc: torch.Tensor | None = None
 
 
+def cls_rows(num_texts: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(num_texts, length) bool, True at position 0 of each text: the ``rows`` argument of
+    ``FusionEncoder.forward`` that runs its last layer at [CLS] only."""
+    rows = torch.zeros(num_texts, length, dtype=torch.bool, device=device)
+    rows[:, 0] = True
+    return rows
+
+
 def _scored_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross entropy and accuracy over (M, C) logits; M may be 0.
 
@@ -174,9 +182,7 @@ class SohoModel(nn.Module):
                  image_index: torch.Tensor) -> torch.Tensor:
         """(T, d) fused [CLS] outputs, what the task heads read: ``fuse(...)[:, 0]`` without the
         last layer's work at every other position."""
-        rows = torch.zeros(input_ids.shape[0], input_ids.shape[1] + visual.mask.shape[1], dtype=torch.bool,
-                           device=input_ids.device)
-        rows[:, 0] = True
+        rows = cls_rows(input_ids.shape[0], input_ids.shape[1] + visual.mask.shape[1], input_ids.device)
         return self.fuse(input_ids, attention_mask, visual, image_index, rows=rows)
 
     @staticmethod
@@ -190,9 +196,8 @@ class SohoModel(nn.Module):
         text stream goes through the same code (embeddings, key mask) and weights as when fused."""
         none = self.fusion.word_embedding_weight.new_zeros(input_ids.shape[0], 0, self.dim)
         empty = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
-        cls = torch.zeros_like(input_ids, dtype=torch.bool)
-        cls[:, 0] = True
-        return self.fusion(input_ids, attention_mask, none, empty, rows=cls)
+        return self.fusion(input_ids, attention_mask, none, empty,
+                           rows=cls_rows(*input_ids.shape, device=input_ids.device))
 
     # ------------------------------------------------------------------ pre-training
 
@@ -228,9 +233,7 @@ class SohoModel(nn.Module):
         # masked visual words of matched pairs (MVM). The fusion encoder's last layer runs only
         # there, and each head gets its rows of the (R, d) result: never (T, L + N, d) through
         # a head, nor the last layer's feed-forward at positions no loss reads.
-        rows = torch.zeros(input_ids.shape[0], text_len + visual.mask.shape[1], dtype=torch.bool,
-                           device=input_ids.device)
-        rows[:, 0] = True
+        rows = cls_rows(input_ids.shape[0], text_len + visual.mask.shape[1], input_ids.device)
         rows[:, :text_len] |= mlm_rows
         if mvm_rows is not None:
             rows[:, text_len:] |= mvm_rows

@@ -71,8 +71,7 @@ class PairCollator:
         self.tok, self.cfg, self.train, self.random = tokenizer, cfg, train, WorkerRandom(seed)
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> PairBatch:
-        images, image_sizes = pad_batch([im for s in samples for im in s["images"]], self.cfg.data.size_divisor,
-                                        normalise=False)
+        images, image_sizes = pad_batch([im for s in samples for im in s["images"]], self.cfg.data.size_divisor)
         entries, left, image_ids = [], [], []
         for p, s in enumerate(samples):
             items = s["record"]["statements"]

@@ -49,7 +49,7 @@ class GroupedCollator:
         self.items_key, self.text_of, self.target_of, self.stack = items_key, text_of, target_of, stack
 
     def __call__(self, samples: list[dict[str, Any]], counter: SkipCounter) -> GroupedBatch:
-        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor, normalise=False)
+        images, image_sizes = pad_batch([s["images"][0] for s in samples], self.cfg.data.size_divisor)
         entries, image_index = [], []
         for i, s in enumerate(samples):
             items = s["record"][self.items_key]
