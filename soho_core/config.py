@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     depth: int = 18  # torchvision ResNet depth: 18, 34, 50 or 101
     pretrained: bool = False  # torchvision ImageNet weights (needs them cached locally)
-    frozen_stages: int = 1  # stem + this many residual stages get no gradient (release: 1)
+    frozen_stages: int = 1  # stem + this many residual stages get no gradient (release: 1); -1: none
     out_stage: int = 5  # last ResNet stage used: 5 -> stride 32 (release), 4 -> stride 16, 3 -> 8
     channels_last: bool = False
 
@@ -120,6 +120,7 @@ class FinetuneConfig:
     itc_temperature: float = 0.07  # retrieval: softmax temperature of the pooled-feature similarity
     shortlist_k: int = 16  # retrieval two-stage mode: candidates kept by the cheap similarity
     eval_max_images: int = 0  # retrieval evaluation: use the first N images of the split (0 = all)
+    eval_blind: bool = True  # evaluation also scores the model with constant images (its text prior)
 
 
 @dataclass
@@ -190,8 +191,9 @@ def _from_scratch(preset: str, image: int, width: int, heads: int, dict_size: in
     # CNN's features say something (chicken and egg: with the raw pixels as features it learned).
     # An ITC loss on pooled features gives the CNN that signal from the first step.
     c.model.itc_dim = width
-    # ImageNet weights are frozen in the release's first stage; frozen random filters only lose detail.
-    c.model.backbone.frozen_stages = 0
+    # ImageNet weights are frozen in the release's first stage; frozen random filters only lose
+    # detail, so nothing is frozen (0 would still freeze the stem).
+    c.model.backbone.frozen_stages = -1
     c.data.image_min = c.data.image_max = image
     c.data.images_per_batch = 8
     # A CNN trained from scratch can satisfy MVM by making its visual words uninformative: at
@@ -374,7 +376,7 @@ def _validate(c: SohoConfig) -> None:
 
     m = c.model
     need(m.backbone.depth in (18, 34, 50, 101, 152), "model.backbone.depth", "must be one of 18, 34, 50, 101, 152")
-    need(0 <= m.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "must be in 0..4")
+    need(-1 <= m.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "must be in -1..4 (-1: nothing frozen)")
     need(m.backbone.out_stage in (3, 4, 5), "model.backbone.out_stage", "must be 3, 4 or 5")
     need(m.backbone.frozen_stages < m.backbone.out_stage - 1, "model.backbone.frozen_stages",
          "must leave at least one trainable stage before model.backbone.out_stage")

@@ -5,10 +5,12 @@
                           run_id="...", history_uri=STORE/reports/latest.json)
 
 It shows every task's metrics (with the change against the previous run recorded in
-``history_uri``, if any), the pre-training loss curves, the visual dictionary's usage
-over training, fine-tuning loss curves, and a few sample predictions with their images
-(copied beside the report). Reads only the files the training and evaluation write
-(``metrics.jsonl``, ``metrics.json``), at any URI.
+``history_uri``, if any), each metric against its blind baselines (the training split's
+per-type majority answer and the model with constant images; a table, a bar chart and a
+breakdown by question / statement / hypothesis type), the pre-training loss curves, the
+visual dictionary's usage over training, fine-tuning loss curves, and a few sample
+predictions with their images (copied beside the report). Reads only the files the training
+and evaluation write (``metrics.jsonl``, ``metrics.json``), at any URI.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from soho_core import storage
 # The one number per task that the table leads with (as in the ablation table).
 PRIMARY = {"vqa": "vqa_score", "nlvr2": "accuracy", "retrieval": "r_mean", "ve": "accuracy"}
 LOSS_KEYS = ("loss", "loss_mlm", "loss_mvm", "loss_itm", "loss_itc")
+BASELINES = {"prior": "text prior", "blind_model": "blind model"}  # metrics.json key -> column title
+MAX_TYPES = 12  # breakdown rows per task in the report (metrics.json holds every type)
 DICT_KEYS = ("vd_usage", "vd_perplexity")
 
 
@@ -113,6 +117,78 @@ def metrics_table(summary: dict[str, Any], previous: dict[str, Any] | None = Non
     return "\n".join(rows)
 
 
+def _cell(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def baselines_table(summary: dict[str, Any]) -> str:
+    """A Markdown table: per task with baselines, its primary metric, each blind baseline and the
+    gain (metric - best baseline); "" when no task has baselines (metrics.json from before them)."""
+    rows = ["| task | metric | value | " + " | ".join(BASELINES.values()) + " | gain |",
+            "|---|---|---|" + "---|" * len(BASELINES) + "---|"]
+    for task, entry in summary["metrics"].items():
+        if not entry.get("baselines"):
+            continue
+        name = summary["primary"][task]
+        base = [_cell(entry["baselines"].get(k, {}).get(name)) for k in BASELINES]
+        gain = entry.get("gain")
+        rows.append(f"| {task} | {name} | {_cell(entry['metrics'].get(name))} | {' | '.join(base)} | "
+                    f"{f'{gain:+.4f}' if isinstance(gain, (int, float)) else '-'} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def breakdown_table(breakdown: dict[str, dict[str, Any]], limit: int = MAX_TYPES, key: str = "type",
+                    count: str = "examples") -> str:
+    """A Markdown table of one task's breakdown {type: {"n", "metric", "prior", "blind_model"}},
+    the ``limit`` most frequent types first; the gain column is metric - best baseline. ``key``
+    and ``count`` title the first two columns (retrieval: "direction", "queries")."""
+    ranked = sorted(breakdown.items(), key=lambda kv: (-kv[1].get("n", 0), kv[0]))
+    rows = [f"| {key} | {count} | model | " + " | ".join(BASELINES.values()) + " | gain |",
+            "|---|---|---|" + "---|" * len(BASELINES) + "---|"]
+    for kind, row in ranked[:limit]:
+        base = [row[k] for k in BASELINES if isinstance(row.get(k), (int, float))]
+        gain = f"{row['metric'] - max(base):+.4f}" if base and isinstance(row.get("metric"), (int, float)) else "-"
+        rows.append(f"| {kind} | {row.get('n', '-')} | {_cell(row.get('metric'))} | "
+                    f"{' | '.join(_cell(row.get(k)) for k in BASELINES)} | {gain} |")
+    if len(ranked) > limit:
+        rows.append(f"| ({len(ranked) - limit} more types in metrics.json) | "
+                    f"{sum(r.get('n', 0) for _, r in ranked[limit:])} | | | | |")
+    return "\n".join(rows)
+
+
+def _baseline_bars(summary: dict[str, Any]) -> bytes | None:
+    """One PNG: per task with baselines, its primary metric next to each blind baseline."""
+    tasks = [t for t, e in summary["metrics"].items() if e.get("baselines")]
+    if not tasks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    bars = {"model": [summary["metrics"][t]["metrics"].get(summary["primary"][t]) for t in tasks]}
+    for key, title in BASELINES.items():
+        bars[title] = [summary["metrics"][t]["baselines"].get(key, {}).get(summary["primary"][t]) for t in tasks]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(tasks) + 1.5), 3.4), dpi=100)
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [k + (i - (len(bars) - 1) / 2) * width for k in range(len(tasks))]
+        heights = [v if isinstance(v, (int, float)) else 0.0 for v in values]
+        drawn = ax.bar(xs, heights, width, label=label)
+        ax.bar_label(drawn, labels=[f"{v:.2f}" if isinstance(v, (int, float)) else "-" for v in values], fontsize=7)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n({summary['primary'][t]})" for t in tasks])
+    ax.set_ylim(0, 1.25)  # room above a bar at 1.0 for the legend
+    ax.set_ylabel("score")
+    ax.set_title("each task against its blind baselines")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(bars), loc="upper center")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _sample_rows(task: str, samples: list[dict[str, Any]], image_link) -> list[str]:
     """Markdown lines showing a few predictions of one task with their images."""
     lines = []
@@ -154,7 +230,8 @@ def write_report(out_uri: str, pretrain_run: str, metrics_uris: Sequence[str], d
     for r in sorted(results, key=lambda r: r["task"]):
         task = r["task"]
         summary["primary"][task] = PRIMARY.get(task) or next(iter(r["metrics"]))
-        summary["metrics"][task] = {"split": r["split"], "num_examples": r["num_examples"], "metrics": r["metrics"]}
+        summary["metrics"][task] = {"split": r["split"], "num_examples": r["num_examples"], "metrics": r["metrics"],
+                                    **{k: r[k] for k in ("baselines", "gain") if k in r}}
     previous = storage.read_json(history_uri) if history_uri and storage.exists(history_uri) else None
     if previous and previous.get("run_id") == run_id:
         previous = None  # a retried report step must not compare the run with itself
@@ -166,6 +243,22 @@ def write_report(out_uri: str, pretrain_run: str, metrics_uris: Sequence[str], d
     md += ["## Downstream tasks", "", metrics_table(summary, previous), ""]
     if previous:
         md += [f"Changes are against run `{previous.get('run_id', '?')}`.", ""]
+    table = baselines_table(summary)
+    if table:
+        md += ["## Against blind baselines", "",
+               "How much of each number comes from the image. *Text prior*: the training split's "
+               "majority answer (label) for each question (statement, hypothesis) type; for retrieval, "
+               "chance-level recall. *Blind model*: the same model with every image replaced by a flat "
+               "grey one. *Gain*: the metric minus the better of the two.", "", table, ""]
+        png = _baseline_bars(summary)
+        if png:
+            images["baselines.png"] = png
+            md += ["![Each task's metric next to its blind baselines](baselines.png)", ""]
+        for r in sorted(results, key=lambda r: r["task"]):
+            if r.get("breakdown"):
+                key, count = ("direction", "queries") if r["task"] == "retrieval" else ("type", "examples")
+                md += [f"### {r['task']}: {summary['primary'][r['task']]} by {key}", "",
+                       breakdown_table(r["breakdown"], key=key, count=count), ""]
 
     rows = _read_jsonl(storage.join(pretrain_run, "metrics.jsonl"))
     md += ["## Pre-training", ""]

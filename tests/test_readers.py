@@ -137,6 +137,7 @@ def test_vqa2_becomes_vqa_shards_the_vqa_loader_reads(vqa, coco, tmp_path):
     samples, _ = read_source("vqa2", opts)
     q = samples[0].record["questions"][0]
     assert q["answers"][:1] == ["red"] and len(q["answers"]) == 10 and q["question_id"] == "90"
+    assert q["question_type"] == "what"  # the annotation's type: the evaluation's breakdown key
     # the official metric: accuracy of predicting each answer, over the 10 leave-one-out subsets
     for answer, score in q["scores"].items():
         assert score == pytest.approx(vqa_score([answer], [q["answers"]], official=True))

@@ -133,11 +133,12 @@ def test_evaluation_runs_the_cnn_once_per_image(finetuned, shards):
     model, cfg, tok = load_task_model(get_task("retrieval"), finetuned)
     seen = []
     model.trunk.backbone.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    for limit, images in ((0, 6), (4, 4)):
+    for limit, images, blind in ((0, 6, False), (4, 4, False), (4, 4, True)):
         seen.clear()
-        cfg.finetune.eval_max_images = limit
+        cfg.finetune.eval_max_images, cfg.finetune.eval_blind = limit, blind
         result = get_task("retrieval").evaluate(model, shards, "val", cfg, tok, torch.device("cpu"))
-        assert sum(seen) == images == result.metrics["num_images"]
+        # the blind pass adds one constant image per distinct image size (one size here)
+        assert sum(seen) == images + blind and images == result.metrics["num_images"]
         assert result.num_examples == 5 * images
         assert result.metrics["pairs_scored_exact"] == images * 5 * images
 

@@ -174,6 +174,30 @@ def stream(data_uri: str, task: str, split: str, cfg: SohoConfig, seed: int, tra
     return loader.map(from_the_wire) if workers > 0 else loader
 
 
+def read_records(data_uri: str, task: str, split: str) -> Iterator[dict[str, Any]]:
+    """The JSON record of every sample of one split, in shard order, without decoding any image.
+
+    For what needs only the texts and labels of a split (e.g. the per-type answer priors of the
+    evaluation's blind baselines). Local shards are read by seeking past the image members; on
+    an object store the bytes still stream through. A shard or record that cannot be read is
+    skipped with a warning, as the loaders do.
+    """
+    import tarfile
+
+    task_uri, index = load_index(data_uri, task)
+    for url in shard_urls(task_uri, index, split):
+        try:
+            with storage.open_uri(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".json"):
+                        try:
+                            yield json.loads(tar.extractfile(member).read())
+                        except ValueError as err:
+                            log.warning("skipping record %s of %s: %s", member.name, url, err)
+        except (OSError, tarfile.TarError) as err:
+            log.warning("skipping unreadable shard %s: %s", url, err)
+
+
 # Below this many bytes a batch's tensor crosses from a loader worker to the trainer inside the
 # pickled batch (as a NumPy array); above it, through shared memory. Every tensor sent through
 # shared memory costs a segment created, mapped, passed and unmapped: for a pre-training batch's

@@ -12,7 +12,8 @@ source      task       record
 coco, vg    pretrain   {"image_id", "captions": [str]}  (coco, karpathy: also retrieval)
 karpathy    retrieval  {"image_id", "captions": [str]}
 vqa2        vqa        {"image_id", "questions": [{"question_id", "question", "answers"
-                       (the 10 raw human answers), "answer_type", "multiple_choice_answer",
+                       (the 10 raw human answers), "answer_type", "question_type" (where the
+                       annotation has one, e.g. "what color is the"), "multiple_choice_answer",
                        "scores" {normalised answer: official VQA accuracy}}]}
 snli-ve     ve         {"image_id", "hypotheses": [{"id", "hypothesis", "label"}]}
 nlvr2       nlvr2      {"id", "left_image_id", "right_image_id", "statements": [{"id",
@@ -344,6 +345,9 @@ def read_vqa2(opts: ReaderOptions, patterns, splits, stats: ReadStats) -> Iterat
                     entry.update(answers=[str(a) for a in answers], answer_type=ann.get("answer_type", ""),
                                  multiple_choice_answer=ann.get("multiple_choice_answer", ""),
                                  scores=official_answer_scores([str(a) for a in answers]) if answers else {})
+                    if isinstance(ann.get("question_type"), str) and ann["question_type"].strip():
+                        # The official type ("what color is the"): the evaluation's breakdown key.
+                        entry["question_type"] = ann["question_type"].strip()
                 if not isinstance(text, str) or not text.strip():
                     stats.dropped["empty questions"] += 1
                     continue

@@ -202,8 +202,9 @@ def _synthetic_samples(input_uri: str, task: str) -> Iterable[tuple[str, dict[st
     """(split, sample) pairs of one task, from the files of ``soho data synth``.
 
     pretrain, retrieval: one image with its captions. vqa: one image with its questions
-    (each with 10 human answers). ve: one image with its hypotheses. nlvr2: one image pair
-    (``left.png``, ``right.png``) with its statements.
+    (each with 10 human answers and its ``question_type``). ve: one image with its hypotheses
+    (each with its ``template``). nlvr2: one image pair (``left.png``, ``right.png``) with its
+    statements (each with its ``template``).
     """
     image = lambda image_id: storage.read_bytes(storage.join(input_uri, "images", f"{image_id}.png"))  # noqa: E731
     pack = lambda key, record, **images: {"__key__": key, **images, "json": json.dumps(record).encode()}  # noqa: E731
@@ -220,7 +221,10 @@ def _synthetic_samples(input_uri: str, task: str) -> Iterable[tuple[str, dict[st
     elif task == "nlvr2":
         for (split, left, right), recs in _group(_jsonl(storage.join(input_uri, "nlvr2.jsonl")),
                                                  lambda r: (r["split"], r["left_image_id"], r["right_image_id"])).items():
-            statements = [{"id": r["id"], "statement": r["statement"], "label": bool(r["label"])} for r in recs]
+            # The template (the statement's type, for the evaluation's breakdown) is kept where the
+            # world has one (worlds written before it was recorded do not).
+            statements = [{"id": r["id"], "statement": r["statement"], "label": bool(r["label"]),
+                           **({"template": r["template"]} if "template" in r else {})} for r in recs]
             record = {"id": f"{left}+{right}", "left_image_id": left, "right_image_id": right, "statements": statements}
             yield split, pack(f"{left}_{right}", record, **{"left.png": image(left), "right.png": image(right)})
 

@@ -40,10 +40,14 @@ stale one is removed first, so its presence marks a complete dataset)::
                     fractions of the width, bbox is [x0, y0, x1, y1] in pixels
     captions.jsonl  image_id, split, captions [str]
     vqa.jsonl       question_id, image_id, split, question, answers [10 str], answer_type
-                    ("yes/no", "number" with digit answers, "other")
-    nlvr2.jsonl     id, split, left_image_id, right_image_id, statement, label (bool);
-                    both images from one split (a split with a single image gets no pairs)
-    ve.jsonl        id, split, image_id, hypothesis, label (entailment|neutral|contradiction)
+                    ("yes/no", "number" with digit answers, "other"), question_type (the
+                    template: color, shape, size, count, exists, relation, relation_yesno;
+                    the field name of the official VQA v2 annotations)
+    nlvr2.jsonl     id, split, left_image_id, right_image_id, statement, label (bool), template
+                    (more, both, total, one_image, side); both images from one split (a split
+                    with a single image gets no pairs)
+    ve.jsonl        id, split, image_id, hypothesis, label (entailment|neutral|contradiction),
+                    template (exists, none, at_least, exactly, every)
     manifest.json   generator, version, seed, num_images, image_size, counts {file: {split: n}},
                     vocabulary, options (the other arguments)
 """
@@ -293,10 +297,11 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
         files["captions"].append({**base, "captions": captions_for(scene, rng, captions_per_image)})
         for k, q in enumerate(vqa_for(scene, rng, questions_per_image, balancer)):
             files["vqa"].append({"question_id": f"{image_id}-q{k}", **base, "question": q["question"],
-                                 "answers": q["answers"], "answer_type": q["answer_type"]})
+                                 "answers": q["answers"], "answer_type": q["answer_type"],
+                                 "question_type": q["template"]})
         for k, h in enumerate(ve_for(scene, rng, VE_PER_IMAGE, balancer)):
             files["ve"].append({"id": f"{image_id}-h{k}", **base, "hypothesis": h["hypothesis"],
-                                "label": h["label"]})
+                                "label": h["label"], "template": h["template"]})
     for split, ids in by_split.items():
         for i, left in enumerate(ids if len(ids) > 1 else []):
             rng = random.Random(f"soho-synthetic/nlvr2/{seed}/{left}")
@@ -305,7 +310,7 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
             for k, st in enumerate(nlvr2_for(scenes[left], scenes[right], rng, NLVR2_PER_PAIR, balancer)):
                 files["nlvr2"].append({"id": f"{left}-s{k}", "split": split, "left_image_id": left,
                                        "right_image_id": right, "statement": st["statement"],
-                                       "label": st["label"]})
+                                       "label": st["label"], "template": st["template"]})
 
     counts = {"images": {s: len(ids) for s, ids in by_split.items()}}
     for name, records in files.items():

@@ -74,7 +74,10 @@ class Backbone(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def _frozen_modules(self) -> list[nn.Module]:
-        # The stem always goes with the frozen stages (mmdet's convention, as in the release).
+        # mmdet's convention, as in the release: 0 freezes the stem, k >= 1 the stem and the first
+        # k residual stages, -1 nothing (a CNN trained from scratch must train its stem too).
+        if self.frozen_stages < 0:
+            return []
         return [self.stem, *self.stages[: self.frozen_stages]]
 
     def train(self, mode: bool = True) -> "Backbone":

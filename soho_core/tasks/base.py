@@ -62,17 +62,41 @@ class EvalResult:
     num_examples: int
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)  # a few predictions, for reports
+    # Blind baselines (see soho_core.tasks.baselines), empty for a task without them:
+    primary: str = ""  # the metric that baselines and gain are about
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # {"prior"|"blind_model": {metric: v}}
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # {type: {"n", "metric", "prior", ...}}
+
+    def measurement(self) -> dict[str, Any]:
+        """What metrics.json holds beside ``metrics``: ``baselines``, ``gain`` (the primary metric
+        minus the best baseline) and ``breakdown``; {} for a task without baselines."""
+        if not self.primary:
+            return {}
+        out: dict[str, Any] = {"baselines": self.baselines, "breakdown": self.breakdown}
+        if self.baselines:
+            out["gain"] = self.metrics[self.primary] - max(b[self.primary] for b in self.baselines.values())
+        return out
 
 
 @torch.no_grad()
 def evaluate_classifier(model: "TaskModel", batches: Iterable, device: torch.device,
-                        describe: Callable[[Any, int, int, float], dict[str, Any]], num_samples: int = 8) -> EvalResult:
+                        describe: Callable[[Any, int, int, float], dict[str, Any]], num_samples: int = 8,
+                        task: str = "", prior: Callable[[str], int] | None = None,
+                        blind: bool = False) -> EvalResult:
     """Accuracy of ``model.logits`` over every batch (each with ``targets``); ``describe(batch,
-    row, predicted class, its probability)`` turns the first ``num_samples`` rows into report samples."""
+    row, predicted class, its probability)`` turns the first ``num_samples`` rows into report samples.
+
+    With ``task`` ("ve", "nlvr2") the result also holds the blind baselines and the per-type
+    breakdown: ``prior(type)`` is the class the text prior predicts (None: not measured);
+    ``blind`` runs every batch a second time with constant images (the batch's ``images`` and
+    ``image_sizes`` fields)."""
+    from soho_core.tasks.baselines import add_baselines, blind_inputs, text_type
     from soho_core.tasks.metrics import accuracy
 
     preds: list[int] = []
+    blind_preds: list[int] = []
     targets: list[int] = []
+    types: list[str] = []
     samples: list[dict[str, Any]] = []
     for batch in batches:
         inputs = batch.to(device).model_inputs()
@@ -81,11 +105,24 @@ def evaluate_classifier(model: "TaskModel", batches: Iterable, device: torch.dev
         best = probs.argmax(1)
         preds += best.tolist()
         targets += gold.tolist()
+        if task:
+            types += [text_type(e, task) for e in batch.entries]
+            if blind:
+                blind_preds += model.logits(**blind_inputs(inputs)).argmax(1).tolist()
         for row in range(min(batch.num_texts, num_samples - len(samples))):
             samples.append(describe(batch, row, int(best[row]), round(float(probs[row, best[row]]), 4)))
     if not preds:
         raise ValueError("no readable examples in the evaluation split")
-    return EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
+    result = EvalResult(len(preds), {"accuracy": accuracy(preds, targets)}, samples)
+    if not task:
+        return result
+
+    def correct(predicted: list[int]) -> list[float]:
+        return [float(p == t) for p, t in zip(predicted, targets)]
+
+    return add_baselines(result, "accuracy", types, correct(preds),
+                         prior=correct([prior(k) for k in types]) if prior else None,
+                         blind=correct(blind_preds) if blind else None)
 
 
 class TaskModel(nn.Module):

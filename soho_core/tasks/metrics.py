@@ -1,8 +1,10 @@
 """Evaluation metrics for the downstream tasks, as pure functions (no model code).
 
-* VQA v2: ``normalize_answer``, ``vqa_score``, ``vqa_soft_targets``, ``build_answer_vocab``.
+* VQA v2: ``normalize_answer``, ``vqa_score`` (and per question ``vqa_scores``), ``vqa_soft_targets``,
+  ``build_answer_vocab``.
 * NLVR2 and SNLI-VE: ``accuracy``.
-* Image-text retrieval (COCO / Flickr30K): ``retrieval_metrics``.
+* Image-text retrieval (COCO / Flickr30K): ``retrieval_metrics``, and ``chance_recall`` (the same
+  recalls for a ranking in random order).
 
 Every score is a fraction in [0, 1], never a percentage.
 
@@ -11,6 +13,7 @@ Run the tests: ``python -m pytest -q tests/test_metrics.py``
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -103,7 +106,15 @@ def normalize_answer(s: str) -> str:
 def vqa_score(
     predictions: Sequence[str], answers: Sequence[Sequence[str]], official: bool = False
 ) -> float:
-    """Mean VQA accuracy over questions, in [0, 1].
+    """Mean VQA accuracy over questions, in [0, 1]: the mean of :func:`vqa_scores`."""
+    scores = vqa_scores(predictions, answers, official)
+    return sum(scores) / len(scores)
+
+
+def vqa_scores(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], official: bool = False
+) -> list[float]:
+    """VQA accuracy of each question, each in [0, 1] (per-type breakdowns average subsets).
 
     ``predictions[q]`` is the predicted answer to question q and ``answers[q]`` its human
     answers (10 in VQA v2); both sides go through ``normalize_answer``. With m = the number of
@@ -126,7 +137,7 @@ def vqa_score(
         )
     if len(predictions) == 0:
         raise ValueError("vqa_score needs at least one question")
-    total = 0.0
+    out = []
     for q, (prediction, human) in enumerate(zip(predictions, answers)):
         if len(human) == 0:
             raise ValueError(f"answers[{q}] is empty: every question needs human answers")
@@ -134,10 +145,10 @@ def vqa_score(
         same = [normalize_answer(a) == pred for a in human]
         m = sum(same)
         if official:
-            total += sum(min((m - hit) / 3.0, 1.0) for hit in same) / len(same)
+            out.append(sum(min((m - hit) / 3.0, 1.0) for hit in same) / len(same))
         else:
-            total += min(m / 3.0, 1.0)
-    return total / len(predictions)
+            out.append(min(m / 3.0, 1.0))
+    return out
 
 
 def vqa_soft_targets(answers: Sequence[str], answer_to_index: dict[str, int]) -> dict[int, float]:
@@ -255,5 +266,31 @@ def retrieval_metrics(
         out[f"txt_r{k}"] = (txt_rank < k).double().mean().item()
     for k in _RECALL_KS:
         out[f"img_r{k}"] = (img_rank < k).double().mean().item()
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def chance_recall(text_to_image: Sequence[int] | torch.Tensor, num_images: int) -> dict[str, float]:
+    """The expected :func:`retrieval_metrics` of a ranking in random order (retrieval's text prior:
+    a query alone says nothing about which candidate is right), same keys, each in [0, 1].
+
+    Text -> image: one right image among ``num_images``, so R@k = min(k, I) / I. Image -> text:
+    an image with c of the T texts is hit when any of them is in a random top k, with
+    probability 1 - C(T - c, k) / C(T, k); R@k is its mean over images.
+    """
+    owner = [int(i) for i in torch.as_tensor(text_to_image).tolist()]
+    num_texts = len(owner)
+    if num_texts == 0 or num_images < 1:
+        raise ValueError("chance_recall needs at least one image and one text")
+    per_image = Counter(owner)
+    if len(per_image) != num_images or min(per_image) < 0 or max(per_image) >= num_images:
+        raise ValueError(f"text_to_image must give every one of the {num_images} images at least one text")
+    out: dict[str, float] = {}
+    for k in _RECALL_KS:
+        hit = [1.0 - math.comb(num_texts - c, k) / math.comb(num_texts, k) if k <= num_texts else 1.0
+               for c in per_image.values()]
+        out[f"txt_r{k}"] = sum(hit) / num_images
+    for k in _RECALL_KS:
+        out[f"img_r{k}"] = min(k, num_images) / num_images
     out["r_mean"] = sum(out.values()) / len(out)
     return out

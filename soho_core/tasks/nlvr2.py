@@ -1,6 +1,7 @@
 """NLVR2: is a statement true of a pair of images? Each (image, statement) pair is fused
 separately, the two [CLS] outputs are concatenated (left first) and a 2-way MLP reads them;
-cross-entropy; evaluated with ``accuracy``.
+cross-entropy; evaluated with ``accuracy``, against the per-type majority label of the
+training split and the model with both images constant (:mod:`soho_core.tasks.baselines`).
 
     soho finetune --task nlvr2 --init PRETRAIN_RUN --data SHARDS --out RUN
     soho evaluate --task nlvr2 --checkpoint RUN --data SHARDS --out metrics.json
@@ -25,6 +26,7 @@ from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.tasks.base import (EvalResult, StepOutput, Task, TaskModel, TensorBatch, classification_output,
                                   evaluate_classifier)
+from soho_core.tasks.baselines import blind_enabled, train_prior
 from soho_core.tasks.single_image import classifier_head, task_trunk
 
 IMAGE_KEYS = ("left.png", "right.png")
@@ -146,4 +148,6 @@ class NLVR2Task(Task):
                     "label": entry["label"]}
 
         batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
-        return evaluate_classifier(model, batches, device, describe)
+        return evaluate_classifier(model, batches, device, describe, task=self.name,
+                                   prior=train_prior(data_uri, self.name, "statements", label_of),
+                                   blind=blind_enabled(cfg))

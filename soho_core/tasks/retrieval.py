@@ -14,6 +14,10 @@ Evaluation ranks every image against every caption in two modes, both reported:
 * two-stage: ITC for all pairs, then ITM re-ranks the top ``finetune.shortlist_k`` candidates
   of each query; the rest follow in ITC order below them (names prefixed ``two_stage_``).
 
+Beside them (:mod:`soho_core.tasks.baselines`): chance-level recall as the text prior, and the
+exact mode with every image replaced by a constant one (:func:`blind_match`; as cheap as
+scoring one image per distinct image size), broken down by direction.
+
 Either way the CNN runs once per image: its tokens are kept and gathered for each pair.
 
     soho finetune --task retrieval --init PRETRAIN_RUN --data SHARDS --out RUN
@@ -35,7 +39,8 @@ from soho_core.data.loader import stream
 from soho_core.data.transforms import pad_batch
 from soho_core.models.heads import ITCHead
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
-from soho_core.tasks.metrics import retrieval_metrics
+from soho_core.tasks.baselines import BLIND, PRIOR, blind_enabled, constant_images
+from soho_core.tasks.metrics import chance_recall, retrieval_metrics
 from soho_core.tasks.single_image import GroupedBatch, GroupedCollator, task_trunk
 
 EMBED_DIM = 256  # width of the ITC space (ALBEF's)
@@ -165,6 +170,35 @@ def rerank(model: RetrievalModel, feats: ImageFeatures, input_ids, attention_mas
     return scores
 
 
+@torch.no_grad()
+def blind_match(model: RetrievalModel, image_sizes: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, size_divisor: int) -> torch.Tensor:
+    """(I, T) exact-mode ITM probabilities with each of the I images (valid sizes (I, 2)) replaced
+    by a constant image of its size: the model's own text prior.
+
+    A constant image's features depend only on its size, so one image per distinct size is
+    encoded and scored against every text (S x T pairs instead of I x T; S = 1 when all images
+    have one size) and its row is shared by the images of that size. Each is padded to
+    ``size_divisor`` alone, where a real image is padded to its batch's largest: with sizes
+    that differ the tokens at a blind image's border may differ a little from that."""
+    device = input_ids.device
+    sizes, inverse = torch.unique(image_sizes.cpu(), dim=0, return_inverse=True)
+    parts = []
+    for h, w in sizes.tolist():
+        images, valid = pad_batch([torch.zeros(3, h, w, dtype=torch.uint8)], size_divisor)
+        parts.append(model.encode_images(constant_images(images, valid).to(device), valid.to(device)))
+    num_sizes, num_texts = len(parts), input_ids.shape[0]
+    pairs = torch.ones(num_sizes, num_texts, dtype=torch.bool, device=device).nonzero(as_tuple=True)
+    probs = model.match_probability(_stack(parts), input_ids, attention_mask, *pairs).view(num_sizes, num_texts)
+    return probs[inverse.to(device)]
+
+
+def by_direction(recalls: dict[str, float]) -> dict[str, float]:
+    """Recalls (``retrieval_metrics`` keys) -> the mean R@{1,5,10} of each direction."""
+    return {"image->text": sum(recalls[k] for k in TXT_KEYS) / len(TXT_KEYS),
+            "text->image": sum(recalls[k] for k in IMG_KEYS) / len(IMG_KEYS)}
+
+
 def _stack(parts: list[ImageFeatures]) -> ImageFeatures:
     """Concatenate per-batch features, padding N with masked zero tokens."""
     n = max(p.tokens.shape[1] for p in parts)
@@ -239,9 +273,10 @@ class RetrievalTask(Task):
     @torch.no_grad()
     def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
         """The first ``finetune.eval_max_images`` images of ``split`` (0 = all) with all their
-        captions. ``*_seconds`` time the scoring of each mode; ``encode_seconds`` what both share:
-        reading the split and the one visual pass per image."""
+        captions. ``*_seconds`` time the scoring of each mode (``blind_seconds`` the constant-image
+        pass); ``encode_seconds`` what all share: reading the split and the one visual pass per image."""
         limit, parts, ids, attn, owner, image_ids, captions = cfg.finetune.eval_max_images, [], [], [], [], [], []
+        sizes = []
         t0 = _clock(device)
         for batch in self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, False):
             take = batch.images.shape[0] if not limit else min(batch.images.shape[0], limit - len(image_ids))
@@ -249,6 +284,7 @@ class RetrievalTask(Task):
                 break
             keep = batch.image_index < take
             parts.append(model.encode_images(batch.images[:take].to(device), batch.image_sizes[:take].to(device)))
+            sizes.append(batch.image_sizes[:take])
             ids += list(batch.input_ids[keep].to(device))
             attn += list(batch.attention_mask[keep].to(device))
             owner.append(batch.image_index[keep] + len(image_ids))
@@ -279,12 +315,19 @@ class RetrievalTask(Task):
         by_image, by_text = torch.where(per_image, scored, below), torch.where(per_text, scored, below)
         t3 = _clock(device)
 
+        blind = None
+        if blind_enabled(cfg):
+            blind = retrieval_metrics(blind_match(model, torch.cat(sizes), input_ids, attention_mask,
+                                                  cfg.data.size_divisor), owner_t)
+        t4 = _clock(device)
+
         metrics = retrieval_metrics(exact, owner_t)
         txt, img = retrieval_metrics(by_image, owner_t), retrieval_metrics(by_text, owner_t)
         two = {**{k: txt[k] for k in TXT_KEYS}, **{k: img[k] for k in IMG_KEYS}}
         two["r_mean"] = sum(two.values()) / len(two)
         metrics.update({f"two_stage_{k}": v for k, v in two.items()})
         metrics.update({"exact_seconds": t2 - t1, "two_stage_seconds": t3 - t2, "encode_seconds": t1 - t0,
+                        "blind_seconds": t4 - t3,
                         "pairs_scored_exact": num_images * num_texts,
                         "pairs_scored_two_stage": int(candidates.sum()), "num_images": num_images,
                         "shortlist_k": cfg.finetune.shortlist_k})
@@ -295,4 +338,12 @@ class RetrievalTask(Task):
             samples.append({"caption": captions[t], "image_id": image_ids[int(owner_t[t])], "top_images": [
                 {"image_id": image_ids[i], "score": round(float(s), 4), "correct": i == int(owner_t[t])}
                 for s, i in zip(top.values.tolist(), top.indices.tolist())]})
-        return EvalResult(num_texts, metrics, samples)
+        result = EvalResult(num_texts, metrics, samples, primary="r_mean")
+        columns = {"metric": metrics, PRIOR: chance_recall(owner_t, num_images), BLIND: blind}
+        columns = {name: recalls for name, recalls in columns.items() if recalls is not None}
+        result.baselines = {name: {k: recalls[k] for k in (*TXT_KEYS, *IMG_KEYS, "r_mean")}
+                            for name, recalls in columns.items() if name != "metric"}
+        directions = {name: by_direction(recalls) for name, recalls in columns.items()}
+        result.breakdown = {d: {"n": n, **{name: means[d] for name, means in directions.items()}}
+                            for d, n in (("image->text", num_images), ("text->image", num_texts))}
+        return result

@@ -1,5 +1,7 @@
 """Visual entailment (SNLI-VE): does the image entail, contradict, or leave open the
-hypothesis? A 3-way MLP on [CLS], cross-entropy; evaluated with ``accuracy``.
+hypothesis? A 3-way MLP on [CLS], cross-entropy; evaluated with ``accuracy``, against the
+per-type majority label of the training split and the model with constant images
+(:mod:`soho_core.tasks.baselines`).
 
     soho finetune --task ve --init PRETRAIN_RUN --data SHARDS --out RUN
     soho evaluate --task ve --checkpoint RUN --data SHARDS --out metrics.json
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from soho_core.tasks.base import EvalResult, StepOutput, Task, classification_output, evaluate_classifier
+from soho_core.tasks.baselines import blind_enabled, train_prior
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -50,4 +53,6 @@ class VETask(Task):
                     "prediction": LABELS[pred], "probability": prob, "label": entry["label"]}
 
         batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
-        return evaluate_classifier(model, batches, device, describe)
+        return evaluate_classifier(model, batches, device, describe, task=self.name,
+                                   prior=train_prior(data_uri, self.name, "hypotheses", label_index),
+                                   blind=blind_enabled(cfg))

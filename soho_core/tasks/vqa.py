@@ -1,5 +1,6 @@
 """VQA: an MLP on [CLS] over the answer vocabulary, trained with soft-target binary
-cross-entropy; evaluated with VQA accuracy (``vqa_score``).
+cross-entropy; evaluated with VQA accuracy (``vqa_score``), against two blind baselines and
+per question type (:mod:`soho_core.tasks.baselines`).
 
     soho finetune --task vqa --init PRETRAIN_RUN --data SHARDS --out RUN
     soho evaluate --task vqa --checkpoint RUN --data SHARDS --out metrics.json
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from soho_core.config import SohoConfig
 from soho_core.data.shards import load_index
 from soho_core.tasks.base import EvalResult, StepOutput, Task, mean_stat
-from soho_core.tasks.metrics import vqa_score, vqa_soft_targets
+from soho_core.tasks.baselines import (add_baselines, blind_enabled, blind_inputs, majority_answer, text_type,
+                                       train_prior)
+from soho_core.tasks.metrics import vqa_score, vqa_scores, vqa_soft_targets
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
 
 
@@ -64,19 +67,29 @@ class VQATask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
+        """VQA accuracy, and beside it the per-type majority answer of the training split and the
+        model with constant images, each overall and per question type."""
         vocab = model.answer_vocab
+        blind = blind_enabled(cfg)
+        prior = train_prior(data_uri, self.name, "questions", lambda e: majority_answer(e["answers"]))
         collator = self.collator(tokenizer, cfg, cfg.train.seed, False, vocab)
-        predictions, answers, samples = [], [], []
+        predictions, blind_predictions, answers, types, samples = [], [], [], [], []
         for batch in grouped_loader(self.name, data_uri, split, cfg, cfg.train.seed, False, collator):
             inputs = batch.to(device).model_inputs()
             inputs.pop("targets")
             probs = model.logits(**inputs).sigmoid()
             best = probs.argmax(1).tolist()
+            if blind:
+                blind_predictions += [vocab[j] for j in model.logits(**blind_inputs(inputs)).argmax(1).tolist()]
             for row, (entry, j) in enumerate(zip(batch.entries, best)):
                 predictions.append(vocab[j])
                 answers.append(entry["answers"])
+                types.append(text_type(entry, self.name))
                 if len(samples) < 8:
                     samples.append({"image_id": batch.image_ids[int(batch.image_index[row])],
                                     "question": entry["question"], "prediction": vocab[j],
                                     "probability": round(float(probs[row, j]), 4), "answers": entry["answers"]})
-        return EvalResult(len(predictions), {"vqa_score": vqa_score(predictions, answers)}, samples)
+        result = EvalResult(len(predictions), {"vqa_score": vqa_score(predictions, answers)}, samples)
+        return add_baselines(result, "vqa_score", types, vqa_scores(predictions, answers),
+                             prior=vqa_scores([prior(k) for k in types], answers) if prior else None,
+                             blind=vqa_scores(blind_predictions, answers) if blind else None)

@@ -308,8 +308,10 @@ def load_task_model(task: Task, checkpoint: str, device: torch.device | str = "c
 
 def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, split: str = "test",
              overrides: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on one split and write ``{"task", "split", "num_examples", "metrics"}``
-    (plus up to a few ``samples`` of predictions, for reports). ``overrides`` (``a.b=c``) may
+    """Evaluate a checkpoint on one split and write ``{"task", "split", "num_examples", "metrics"}``,
+    for a downstream task also ``"baselines"``, ``"gain"`` and ``"breakdown"``
+    (:mod:`soho_core.tasks.baselines`), plus up to a few ``samples`` of predictions, for reports.
+    ``overrides`` (``a.b=c``) may
     change evaluation settings only: ``data.*`` and ``finetune.*``, never the model."""
     for item in overrides or []:
         if not item.startswith(("data.", "finetune.")):
@@ -321,7 +323,8 @@ def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, s
     model, cfg, tokenizer = load_task_model(task, checkpoint, info.device)
     apply_overrides(cfg, overrides)
     result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
-    report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics}
+    report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics,
+              **result.measurement()}
     if out_file:
         storage.write_json_atomic(out_file, {**report, "samples": result.samples} if result.samples else report)
     return report
