@@ -11,13 +11,18 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(task: str, checkpoint: str, shards: str, metrics: Output[Metrics], overrides: List[str] = [],
              split: str = "test") -> NamedTuple("Outputs", [("metrics_uri", str)]):
-    """Evaluates the run's latest checkpoint on ``split``; logs every metric as ``<task>/<name>``."""
+    """Evaluates the run's latest checkpoint on ``split``; logs every metric as ``<task>/<name>``, its
+    blind baselines as ``<task>/prior/<name>`` and ``<task>/blind_model/<name>``, and ``<task>/gain``."""
     from collections import namedtuple
 
     from soho_core.pipeline.steps import evaluate as run
 
     uri, report = run(task, checkpoint, shards, overrides, split=split)
-    for name, value in report["metrics"].items():
+    logged = {f"{task}/{name}": value for name, value in report["metrics"].items()}
+    for kind, values in report.get("baselines", {}).items():
+        logged.update({f"{task}/{kind}/{name}": value for name, value in values.items()})
+    logged[f"{task}/gain"] = report.get("gain")
+    for name, value in logged.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(f"{task}/{name}", float(value))
+            metrics.log_metric(name, float(value))
     return namedtuple("Outputs", ["metrics_uri"])(uri)

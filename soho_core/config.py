@@ -114,6 +114,9 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     max_steps: int = 5000  # optimizer steps of one fine-tuning run (train.max_steps is pre-training's)
+    # Fine-tuning has its own schedule: linear warm-up over this fraction of max_steps, then linear
+    # decay to zero (optim.warmup_steps and optim.decay_steps are pre-training's).
+    warmup_fraction: float = 0.1
     keep_dictionary: bool = False  # the release drops the quantiser when fine-tuning
     head_lr_mult: float = 10.0  # new task heads start from scratch: their rate is optim.lr x this
     answer_vocab_size: int = 3129  # VQA: the most frequent answers of the training split
@@ -129,6 +132,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     backbone_optimizer: str = "sgd"  # "sgd" (release, momentum 0.9) or "adamw"
     backbone_lr: float = 1e-2  # release: 100x the transformer's
+    backbone_weight_decay: float = 1e-4  # the CNN's own (release: 1e-4 with SGD; weight_decay is AdamW's)
     momentum: float = 0.9
     warmup_steps: int = 500
     decay_steps: list[int] = field(default_factory=list)  # step milestones ...
@@ -201,6 +205,10 @@ def _from_scratch(preset: str, image: int, width: int, heads: int, dict_size: in
     # steps (masking 15% of images instead of 50% did not help); at 0.1 it stayed near 30.
     # The res presets start from ImageNet weights, as the release does, and keep weight 1.
     c.pretrain.loss_weights["mvm"] = 0.1
+    # A CNN trained from scratch learns shapes several times faster with AdamW at 1e-3 than with the
+    # release's SGD at 1e-2 (a shape classifier on 128-px scenes: 0.75 against 0.27 after 500 steps),
+    # and pre-trained with it, the demo's VQA fine-tune reads colours (0.56 against 0.15-0.24).
+    c.optim.backbone_optimizer, c.optim.backbone_lr = "adamw", 1e-3
     return c
 
 
@@ -210,7 +218,7 @@ def tiny() -> SohoConfig:
     c.model.dictionary.decay_ramp_steps = 50
     c.model.fusion.intermediate_size, c.model.fusion.dropout, c.model.fusion.max_text_len = 128, 0.0, 24
     c.data.num_workers, c.data.shuffle_buffer = 0, 100
-    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 1e-3, 1e-2, 10
+    c.optim.lr, c.optim.warmup_steps = 1e-3, 10
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 100, 10, 50
     c.finetune.max_steps = 60
     return c
@@ -223,7 +231,7 @@ def demo() -> SohoConfig:
     c.data.num_workers = 1
     # A lower rate on the transformer than on the CNN keeps it from locking onto text priors; with
     # the ITC head, 3e-4 beat 1e-4 (600 steps: ITM accuracy 0.69 vs 0.61, MLM loss 1.27 vs 1.73).
-    c.optim.lr, c.optim.backbone_lr, c.optim.warmup_steps = 3e-4, 1e-2, 50
+    c.optim.lr, c.optim.warmup_steps = 3e-4, 50
     c.train.max_steps, c.train.log_every, c.train.ckpt_every = 600, 20, 200
     c.finetune.max_steps = 300
     return c
@@ -415,6 +423,7 @@ def _validate(c: SohoConfig) -> None:
     need(p.itc_temperature > 0, "pretrain.itc_temperature", "must be > 0")
     ft = c.finetune
     need(ft.max_steps >= 1, "finetune.max_steps", "must be >= 1")
+    need(0.0 <= ft.warmup_fraction < 1.0, "finetune.warmup_fraction", "must be in [0, 1)")
     need(ft.head_lr_mult > 0, "finetune.head_lr_mult", "must be > 0")
     need(ft.answer_vocab_size >= 2, "finetune.answer_vocab_size", "must be >= 2")
     need(ft.itc_temperature > 0, "finetune.itc_temperature", "must be > 0")
@@ -423,6 +432,7 @@ def _validate(c: SohoConfig) -> None:
     o = c.optim
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(o.backbone_lr >= 0, "optim.backbone_lr", "must be >= 0")
+    need(o.backbone_weight_decay >= 0, "optim.backbone_weight_decay", "must be >= 0")
     need(o.backbone_optimizer in ("sgd", "adamw"), "optim.backbone_optimizer", "must be 'sgd' or 'adamw'")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.decay_steps == sorted(o.decay_steps), "optim.decay_steps", "must be increasing")

@@ -68,8 +68,11 @@ def test_batch_pairs_each_statement_with_its_own_left_and_right_images(world):
         png = (synth / "images" / f"{batch.image_ids[row]}.png").read_bytes()
         expect, _ = pad_batch([decode_image(png, cfg.data.image_min, cfg.data.image_max)], cfg.data.size_divisor)
         assert torch.equal(batch.images[row], expect[0])
-    # Training samples sentence_group statements per pair (synthetic pairs have 2).
-    assert _first_batch(shards, train=True, cfg=cfg).num_texts == pairs * cfg.data.sentence_group
+    # Training takes up to sentence_group distinct statements per pair: synthetic pairs have 2, so
+    # both, each once (drawn with replacement, half of them were duplicates).
+    train = _first_batch(shards, train=True, cfg=cfg)
+    assert cfg.data.sentence_group > 2 and train.num_texts == 2 * len(train.pair_ids)
+    assert len(set(train.ids)) == train.num_texts
 
 
 def test_head_forward_and_backward_reach_backbone_and_head(world):

@@ -48,8 +48,16 @@ class PretrainBatch:
 
 
 def sample_group(items: list[Any], group: int, rng) -> list[Any]:
-    """``group`` items without replacement, or with replacement when there are fewer."""
+    """``group`` items without replacement, or with replacement when there are fewer (pre-training
+    pairs a fixed number of captions with each image)."""
     return rng.sample(items, group) if len(items) >= group else [rng.choice(items) for _ in range(group)]
+
+
+def sample_distinct(items: list[Any], group: int, rng) -> list[Any]:
+    """At most ``group`` distinct items. Task batches take a variable number of texts per image: an
+    image with 2 statements and a group of 4 gives 2 texts, not the same 2 twice (which made up to
+    half of an NLVR2 or VE batch duplicates)."""
+    return rng.sample(items, min(group, len(items)))
 
 
 class PretrainCollator:

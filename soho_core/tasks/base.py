@@ -9,6 +9,7 @@ initialises any task's trunk from the ``trunk.*`` weights of a pre-training chec
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -156,6 +157,12 @@ class Task:
 
     def max_steps(self, cfg: SohoConfig) -> int:
         return cfg.finetune.max_steps
+
+    def lr_schedule(self, cfg: SohoConfig) -> Callable[[int], float]:
+        """step -> multiplier of every base learning rate (fine-tuning: its own warm-up and decay)."""
+        from soho_core.train.optim import finetune_lr_factor
+
+        return functools.partial(finetune_lr_factor, cfg=cfg.finetune)
 
     def metadata(self, data_uri: str, cfg: SohoConfig) -> dict[str, Any]:
         """Facts about the data the model needs to be rebuilt (e.g. VQA's answer vocabulary);

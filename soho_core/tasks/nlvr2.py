@@ -21,7 +21,7 @@ from torch import nn
 
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
-from soho_core.data.pretrain_data import sample_group
+from soho_core.data.pretrain_data import sample_distinct
 from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.tasks.base import (EvalResult, StepOutput, Task, TaskModel, TensorBatch, classification_output,
@@ -66,8 +66,7 @@ class PairBatch(TensorBatch):
 
 
 class PairCollator:
-    """Training takes ``sentence_group`` statements per pair (with replacement when it has
-    fewer), evaluation all of them."""
+    """Training takes up to ``sentence_group`` distinct statements per pair, evaluation all of them."""
 
     def __init__(self, tokenizer, cfg: SohoConfig, seed: int, train: bool):
         self.tok, self.cfg, self.train, self.random = tokenizer, cfg, train, WorkerRandom(seed)
@@ -78,7 +77,7 @@ class PairCollator:
         for p, s in enumerate(samples):
             items = s["record"]["statements"]
             if self.train:
-                items = sample_group(items, self.cfg.data.sentence_group, self.random.rng)
+                items = sample_distinct(items, self.cfg.data.sentence_group, self.random.rng)
             entries += items
             left += [2 * p] * len(items)
             image_ids += [s["record"].get("left_image_id", ""), s["record"].get("right_image_id", "")]

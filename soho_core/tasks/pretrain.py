@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from soho_core.config import SohoConfig
 from soho_core.data.pretrain_data import pretrain_loader
 from soho_core.models import SohoModel
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
+from soho_core.train.optim import lr_factor
 
 
 class PretrainModel(TaskModel):
@@ -40,6 +42,9 @@ class PretrainTask(Task):
 
     def max_steps(self, cfg: SohoConfig) -> int:
         return cfg.train.max_steps
+
+    def lr_schedule(self, cfg: SohoConfig):
+        return functools.partial(lr_factor, cfg=cfg.optim)
 
     def build_model(self, cfg: SohoConfig, vocab_size: int, meta: dict[str, Any]) -> PretrainModel:
         return PretrainModel(cfg, vocab_size)

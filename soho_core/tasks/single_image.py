@@ -15,7 +15,7 @@ from torch import nn
 
 from soho_core.config import SohoConfig
 from soho_core.data.loader import SkipCounter, WorkerRandom, stream
-from soho_core.data.pretrain_data import sample_group
+from soho_core.data.pretrain_data import sample_distinct
 from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.models import SohoModel
@@ -54,7 +54,7 @@ class GroupedCollator:
         for i, s in enumerate(samples):
             items = s["record"][self.items_key]
             if self.train:
-                items = sample_group(items, self.cfg.data.sentence_group, self.random.rng)
+                items = sample_distinct(items, self.cfg.data.sentence_group, self.random.rng)
             entries += items
             image_index += [i] * len(items)
         ids, attention_mask = encode_texts(self.tok, [self.text_of(e) for e in entries],

@@ -136,7 +136,7 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
                   f"{len(unexpected)} dropped ({', '.join(sorted({k.split('.')[0] for k in unexpected})) or '-'})",
                   flush=True)
     optimizers = build_optimizers(model, cfg.optim, cfg.finetune.head_lr_mult)
-    schedulers = build_schedulers(optimizers, cfg.optim)
+    schedulers = build_schedulers(optimizers, task.lr_schedule(cfg))
     # fp16 needs its gradients scaled; with bf16 or fp32 the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     max_steps = task.max_steps(cfg)

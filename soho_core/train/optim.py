@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soho_core.config import OptimConfig
+from typing import Callable
+
+from soho_core.config import FinetuneConfig, OptimConfig
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1.0) -> list[torch.optim.Optimizer]:
@@ -31,18 +33,31 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1
     if cnn and cfg.backbone_lr > 0:
         if cfg.backbone_optimizer == "sgd":
             opts.append(torch.optim.SGD(cnn, lr=cfg.backbone_lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay, **fused))
+                                        weight_decay=cfg.backbone_weight_decay, **fused))
         else:
-            opts.append(torch.optim.AdamW(cnn, lr=cfg.backbone_lr, weight_decay=cfg.weight_decay, **fused))
+            opts.append(torch.optim.AdamW(cnn, lr=cfg.backbone_lr, weight_decay=cfg.backbone_weight_decay, **fused))
     return opts
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
-    """Multiplier of every base learning rate at optimizer step ``step`` (0-based)."""
+    """Pre-training: multiplier of every base learning rate at optimizer step ``step`` (0-based)."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     passed = sum(1 for m in cfg.decay_steps if step >= m)
     return warm * cfg.decay_gamma ** passed
 
 
-def build_schedulers(opts: list[torch.optim.Optimizer], cfg: OptimConfig) -> list[torch.optim.lr_scheduler.LambdaLR]:
-    return [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in opts]
+def finetune_lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Fine-tuning: linear warm-up over ``warmup_fraction`` of the run, then linear decay to zero
+    at ``max_steps`` (BERT's fine-tuning schedule). Pre-training's warm-up and step milestones are
+    counted in its own, much longer run: reused here, the demo's 80-step fine-tunes spent 50 steps
+    warming up."""
+    warmup = round(cfg.warmup_fraction * cfg.max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+
+def build_schedulers(opts: list[torch.optim.Optimizer], factor: Callable[[int], float]
+                     ) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """One LambdaLR per optimizer; ``factor(step)`` multiplies every base rate."""
+    return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
