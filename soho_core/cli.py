@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", required=True, help="folder for the runs and ablation.json")
     ab.add_argument("--tasks", default=",".join(DOWNSTREAM))
     ab.add_argument("--variants", default="scratch,no_vd,soho")
+    ab.add_argument("--seeds", default="0", help="comma-separated train.seed values, one repeat of every run each "
+                    "(runs in OUT/seed-N; default 0)")
 
     pt = sub.add_parser("pretrain", help="pre-train with MLM + MVM + ITM (single process or under torchrun)")
     _add_config_args(pt)
@@ -246,12 +248,13 @@ def _run(args: argparse.Namespace) -> int:
                                  images_dir=args.images, top_k=args.top_k), indent=1))
         return 0
     if args.command == "ablate":
-        from soho_core.ablate import ablate, format_table
+        from soho_core.ablate import ablate, format_table, parse_seeds
 
-        table = ablate(args.data, args.out, args.config, list(args.set),
-                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-                       variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
-        print(format_table(table))
+        summary = ablate(args.data, args.out, args.config, list(args.set),
+                         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                         seeds=parse_seeds(args.seeds))
+        print(format_table(summary))
         return 0
     if args.command == "pipeline":
         return _run_pipeline(args)

@@ -24,15 +24,15 @@ from typing import Any, Sequence
 from soho_core import storage
 
 # What a local run uses for each preset: the synthetic world's size and the training budget.
-# demo: pre-training shorter than the preset's 600 steps and four short fine-tunes, so the whole DAG
-# stays under 20 minutes on 2 shared CPU cores. Measured there: pre-training ~1.1 s/step, VQA,
-# NLVR2 and VE fine-tuning ~0.9 s/step, retrieval ~2.5 s/step (hard negatives); exact retrieval
-# evaluation grows with images x captions (100 images: 5.5 min on a busy machine), hence 50.
+# demo: the whole DAG in about 10 minutes on 2 CPU cores (the target is 12). Retrieval's steps cost
+# about 3x a VQA step (hard negatives), so it gets half the steps; its exact evaluation grows with
+# images x captions (100 test images x 500 captions).
 LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"num_images": 160, "image_size": 64, "min_objects": 1, "max_objects": 2,
              "overrides": ["train.max_steps=20", "finetune.max_steps=10", "finetune.eval_max_images=40"]},
     "demo": {"num_images": 2000, "image_size": 128, "min_objects": 2, "max_objects": 4,
-             "overrides": ["train.max_steps=400", "finetune.max_steps=80", "finetune.eval_max_images=50"]},
+             "overrides": ["train.max_steps=1000", "finetune.max_steps=300", "finetune.task_steps.retrieval=150",
+                           "finetune.eval_max_images=100"]},
 }
 
 

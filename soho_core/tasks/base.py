@@ -156,13 +156,15 @@ class Task:
     name: str = ""
 
     def max_steps(self, cfg: SohoConfig) -> int:
-        return cfg.finetune.max_steps
+        """Optimizer steps of this task's fine-tune: ``finetune.task_steps[name]``, else ``finetune.max_steps``."""
+        return cfg.finetune.task_steps.get(self.name, cfg.finetune.max_steps)
 
     def lr_schedule(self, cfg: SohoConfig) -> Callable[[int], float]:
         """step -> multiplier of every base learning rate (fine-tuning: its own warm-up and decay)."""
         from soho_core.train.optim import finetune_lr_factor
 
-        return functools.partial(finetune_lr_factor, cfg=cfg.finetune)
+        return functools.partial(finetune_lr_factor, max_steps=self.max_steps(cfg),
+                                 warmup_fraction=cfg.finetune.warmup_fraction)
 
     def metadata(self, data_uri: str, cfg: SohoConfig) -> dict[str, Any]:
         """Facts about the data the model needs to be rebuilt (e.g. VQA's answer vocabulary);

@@ -8,7 +8,7 @@ from torch import nn
 
 from typing import Callable
 
-from soho_core.config import FinetuneConfig, OptimConfig
+from soho_core.config import OptimConfig
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1.0) -> list[torch.optim.Optimizer]:
@@ -46,15 +46,15 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return warm * cfg.decay_gamma ** passed
 
 
-def finetune_lr_factor(step: int, cfg: FinetuneConfig) -> float:
+def finetune_lr_factor(step: int, max_steps: int, warmup_fraction: float) -> float:
     """Fine-tuning: linear warm-up over ``warmup_fraction`` of the run, then linear decay to zero
     at ``max_steps`` (BERT's fine-tuning schedule). Pre-training's warm-up and step milestones are
     counted in its own, much longer run: reused here, the demo's 80-step fine-tunes spent 50 steps
     warming up."""
-    warmup = round(cfg.warmup_fraction * cfg.max_steps)
+    warmup = round(warmup_fraction * max_steps)
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
 
 
 def build_schedulers(opts: list[torch.optim.Optimizer], factor: Callable[[int], float]
