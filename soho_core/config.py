@@ -82,6 +82,7 @@ class ModelConfig:
     # > 0: an image-text contrastive head of this width, trained in pre-training with weight
     # pretrain.loss_weights.itc (ALBEF's "align before fuse"; SOHO has none, so the res presets keep 0).
     itc_dim: int = 0
+    itc_pool: str = "mean"  # how ITC pools an image's visual tokens: "mean" or "max" (channel-wise)
 
 
 @dataclass
@@ -412,6 +413,7 @@ def _validate(c: SohoConfig) -> None:
     need(f.max_text_len >= 4, "model.fusion.max_text_len", "must be >= 4")
     need(f.init_range > 0, "model.fusion.init_range", "must be > 0")
     need(m.itc_dim >= 0, "model.itc_dim", "must be >= 0 (0 = no contrastive head)")
+    need(m.itc_pool in ("mean", "max"), "model.itc_pool", "must be 'mean' or 'max'")
     need(bool(f.tokenizer), "model.fusion.tokenizer", "must name a tokenizer directory, a hub name or 'synthetic'")
     dc = c.data
     need(0 < dc.image_min <= dc.image_max, "data.image_min", "must be positive and <= data.image_max")

@@ -394,3 +394,15 @@ def test_itc_pairs_each_matched_caption_with_its_own_image():
     assert not torch.allclose(model.pretrain_forward(**swapped).loss_itc, base)
     swapped["image_index"] = perm[batch["image_index"]]
     assert_close(model.pretrain_forward(**swapped).loss_itc, base)
+
+
+def test_itc_pool_mean_and_max_ignore_padding():
+    """model.itc_pool: the mean or the channel-wise max of an image's valid tokens; padding never counts."""
+    cfg = tiny().model
+    tokens = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [100.0, 100.0]]])  # (1, 3 tokens, d=2); the last is padding
+    visual = VisualOutput(tokens=tokens, mask=torch.tensor([[True, True, False]]), grid=(1, 3), indices=None,
+                          mvm_labels=torch.full((1, 3), -100))
+    cfg.itc_pool = "mean"
+    assert torch.equal(SohoModel(cfg, vocab_size=50).pool(visual), torch.tensor([[2.0, -1.0]]))
+    cfg.itc_pool = "max"
+    assert torch.equal(SohoModel(cfg, vocab_size=50).pool(visual), torch.tensor([[3.0, 0.0]]))

@@ -185,9 +185,11 @@ class SohoModel(nn.Module):
         rows = cls_rows(input_ids.shape[0], input_ids.shape[1] + visual.mask.shape[1], input_ids.device)
         return self.fuse(input_ids, attention_mask, visual, image_index, rows=rows)
 
-    @staticmethod
-    def pool(visual: VisualOutput) -> torch.Tensor:
-        """(B, d) mean of each image's valid visual tokens."""
+    def pool(self, visual: VisualOutput) -> torch.Tensor:
+        """(B, d) each image's valid visual tokens pooled for ITC: their mean, or their channel-wise
+        max (``model.itc_pool``)."""
+        if self.cfg.itc_pool == "max":
+            return visual.tokens.masked_fill(~visual.mask.unsqueeze(-1), float("-inf")).amax(1)
         valid = visual.mask.unsqueeze(-1).to(visual.tokens.dtype)
         return (visual.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
 
