@@ -169,7 +169,9 @@ def test_pretrain_forward_losses_and_gradients_unchanged_by_row_selection():
         assert_close(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         if a.grad is not None or b.grad is not None:
-            assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6, msg=name)
+            # The tolerance follows each gradient's scale: the trainable stem's gradient reaches ~5,
+            # summed over every pixel, where float rounding alone differs by ~4e-6.
+            assert_close(a.grad, b.grad, rtol=1e-3, atol=max(1e-6, 1e-5 * float(b.grad.abs().max())), msg=name)
 
 
 def test_optimizers_are_fused_on_cpu():
