@@ -54,3 +54,22 @@ def test_yaml_file_with_preset_and_nested_overrides(tmp_path):
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="tiny, demo, res18, res101"):
         load_config("huge")
+
+
+def test_finetune_schedule_is_its_own_and_task_steps_override_max_steps():
+    """Fine-tuning warms up over finetune.warmup_fraction of ITS run and decays linearly to zero,
+    whatever pre-training's optim.warmup_steps; finetune.task_steps gives one task its own length."""
+    from soho_core.tasks.catalog import get_task
+
+    cfg = load_config("demo", ["optim.warmup_steps=500", "finetune.max_steps=100", "finetune.task_steps.retrieval=40"])
+    vqa, retrieval = get_task("vqa"), get_task("retrieval")
+    assert (vqa.max_steps(cfg), retrieval.max_steps(cfg), get_task("pretrain").max_steps(cfg)) == (100, 40, 600)
+    f = vqa.lr_schedule(cfg)
+    assert [f(s) for s in (0, 9, 10, 55, 99)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 1 / 90])
+    g = retrieval.lr_schedule(cfg)
+    assert g(3) == pytest.approx(1.0) and g(39) == pytest.approx(1 / 36)
+    assert get_task("pretrain").lr_schedule(cfg)(99) == pytest.approx(100 / 500)  # pre-training keeps its own
+    with pytest.raises(ConfigError, match="finetune.task_steps.*vqq"):
+        load_config("demo", ["finetune.task_steps.vqq=5"])
+    with pytest.raises(ConfigError, match="finetune.task_steps.ve"):
+        load_config("demo", ["finetune.task_steps.ve=0"])

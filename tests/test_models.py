@@ -406,3 +406,12 @@ def test_itc_pool_mean_and_max_ignore_padding():
     assert torch.equal(SohoModel(cfg, vocab_size=50).pool(visual), torch.tensor([[2.0, -1.0]]))
     cfg.itc_pool = "max"
     assert torch.equal(SohoModel(cfg, vocab_size=50).pool(visual), torch.tensor([[3.0, 0.0]]))
+
+
+def test_frozen_stages_minus_one_trains_the_stem_and_zero_freezes_it():
+    """mmdet's convention: 0 freezes the stem (and keeps its BN statistics), -1 freezes nothing."""
+    none = Backbone(BackboneConfig(depth=18, out_stage=4, frozen_stages=-1)).train()
+    stem_only = Backbone(BackboneConfig(depth=18, out_stage=4, frozen_stages=0)).train()
+    assert all(p.requires_grad for p in none.parameters()) and none.stem[1].training
+    assert not any(p.requires_grad for p in stem_only.stem.parameters()) and not stem_only.stem[1].training
+    assert all(p.requires_grad for p in stem_only.stages.parameters())

@@ -127,6 +127,11 @@ def normalize_padded(images: torch.Tensor, image_sizes: torch.Tensor) -> torch.T
     mean = _MEAN_255.to(images.device)
     inv_std = _INV_STD_255.to(images.device)
     out = (images.float() - mean) * inv_std
+    return out.mul_(valid_pixels(images, image_sizes).to(out.dtype))
+
+
+def valid_pixels(images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) bool, True inside each image's valid (height, width) of a padded (B, C, H, W) batch."""
     rows = torch.arange(images.shape[2], device=images.device)[None, :] < image_sizes[:, :1].to(images.device)
     cols = torch.arange(images.shape[3], device=images.device)[None, :] < image_sizes[:, 1:].to(images.device)
-    return out.mul_((rows[:, None, :, None] & cols[:, None, None, :]).to(out.dtype))
+    return rows[:, None, :, None] & cols[:, None, None, :]

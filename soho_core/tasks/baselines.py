@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from soho_core.data.transforms import valid_pixels
 from soho_core.tasks.metrics import normalize_answer
 
 if TYPE_CHECKING:
@@ -54,11 +55,6 @@ GREY = (124, 116, 104)
 _TYPE_KEYS = ("question_type", "template")
 _TEXT = {"vqa": ("question", 3), "ve": ("hypothesis", 2), "nlvr2": ("statement", 2)}
 _WORD = re.compile(r"[a-z0-9']+")
-
-
-def blind_enabled(cfg) -> bool:
-    """``finetune.eval_blind`` (default on): whether evaluation also runs the constant-image pass."""
-    return bool(cfg.finetune.eval_blind)
 
 
 def text_type(entry: dict[str, Any], task: str) -> str:
@@ -148,9 +144,7 @@ def constant_images(images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Te
     """uint8 (B, 3, H, W) padded batch, image_sizes (B, 2) valid (height, width) -> the same
     batch with every valid pixel :data:`GREY` and the padding left 0: sizes and padding as the
     model saw them, no content."""
-    rows = torch.arange(images.shape[2], device=images.device)[None, :] < image_sizes[:, :1].to(images.device)
-    cols = torch.arange(images.shape[3], device=images.device)[None, :] < image_sizes[:, 1:].to(images.device)
-    valid = (rows[:, None, :, None] & cols[:, None, None, :])  # (B, 1, H, W)
+    valid = valid_pixels(images, image_sizes)
     grey = torch.tensor(GREY, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return torch.where(valid, grey, torch.zeros_like(images))
 

@@ -26,7 +26,7 @@ from soho_core.data.tokenizer import encode_texts
 from soho_core.data.transforms import pad_batch
 from soho_core.tasks.base import (EvalResult, StepOutput, Task, TaskModel, TensorBatch, classification_output,
                                   evaluate_classifier)
-from soho_core.tasks.baselines import blind_enabled, train_prior
+from soho_core.tasks.baselines import train_prior
 from soho_core.tasks.single_image import classifier_head, task_trunk
 
 IMAGE_KEYS = ("left.png", "right.png")
@@ -149,4 +149,4 @@ class NLVR2Task(Task):
         batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
         return evaluate_classifier(model, batches, device, describe, task=self.name,
                                    prior=train_prior(data_uri, self.name, "statements", label_of),
-                                   blind=blind_enabled(cfg))
+                                   blind=cfg.finetune.eval_blind)

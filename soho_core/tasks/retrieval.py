@@ -39,7 +39,7 @@ from soho_core.data.loader import stream
 from soho_core.data.transforms import pad_batch
 from soho_core.models.heads import ITCHead
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
-from soho_core.tasks.baselines import BLIND, PRIOR, blind_enabled, constant_images
+from soho_core.tasks.baselines import BLIND, PRIOR, constant_images
 from soho_core.tasks.metrics import chance_recall, retrieval_metrics
 from soho_core.tasks.single_image import GroupedBatch, GroupedCollator, task_trunk
 
@@ -316,7 +316,7 @@ class RetrievalTask(Task):
         t3 = _clock(device)
 
         blind = None
-        if blind_enabled(cfg):
+        if cfg.finetune.eval_blind:
             blind = retrieval_metrics(blind_match(model, torch.cat(sizes), input_ids, attention_mask,
                                                   cfg.data.size_divisor), owner_t)
         t4 = _clock(device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from soho_core.tasks.base import EvalResult, StepOutput, Task, classification_output, evaluate_classifier
-from soho_core.tasks.baselines import blind_enabled, train_prior
+from soho_core.tasks.baselines import train_prior
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -55,4 +55,4 @@ class VETask(Task):
         batches = self.loader(data_uri, split, cfg, tokenizer, cfg.train.seed, train=False)
         return evaluate_classifier(model, batches, device, describe, task=self.name,
                                    prior=train_prior(data_uri, self.name, "hypotheses", label_index),
-                                   blind=blind_enabled(cfg))
+                                   blind=cfg.finetune.eval_blind)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from soho_core.config import SohoConfig
 from soho_core.data.shards import load_index
 from soho_core.tasks.base import EvalResult, StepOutput, Task, mean_stat
-from soho_core.tasks.baselines import (add_baselines, blind_enabled, blind_inputs, majority_answer, text_type,
+from soho_core.tasks.baselines import (add_baselines, blind_inputs, majority_answer, text_type,
                                        train_prior)
 from soho_core.tasks.metrics import vqa_score, vqa_scores, vqa_soft_targets
 from soho_core.tasks.single_image import GroupedCollator, SingleImageClassifier, grouped_loader
@@ -70,7 +70,7 @@ class VQATask(Task):
         """VQA accuracy, and beside it the per-type majority answer of the training split and the
         model with constant images, each overall and per question type."""
         vocab = model.answer_vocab
-        blind = blind_enabled(cfg)
+        blind = cfg.finetune.eval_blind
         prior = train_prior(data_uri, self.name, "questions", lambda e: majority_answer(e["answers"]))
         collator = self.collator(tokenizer, cfg, cfg.train.seed, False, vocab)
         predictions, blind_predictions, answers, types, samples = [], [], [], [], []
