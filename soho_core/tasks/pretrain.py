@@ -12,6 +12,7 @@ from soho_core.config import SohoConfig
 from soho_core.data.pretrain_data import pretrain_loader
 from soho_core.models import SohoModel
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
+from soho_core.tasks.baselines import BLIND, blind_inputs
 from soho_core.train.optim import lr_factor
 
 
@@ -54,13 +55,24 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, data_uri, split, cfg, tokenizer, device) -> EvalResult:
-        """ITM and MLM accuracy on a held-out split (no MVM masking in evaluation)."""
-        totals = torch.zeros(4, dtype=torch.float64)
+        """ITM and MLM accuracy on a held-out split (no MVM masking in evaluation), and beside
+        them the same batches with constant images (``finetune.eval_blind``): ITM's chance is 0.5,
+        and MLM guesses many words from the caption alone."""
+        passes = 2 if cfg.finetune.eval_blind else 1
+        totals = torch.zeros(passes, 4, dtype=torch.float64)  # (pass, [itm hits, texts, mlm hits, masked])
         images = 0
         for batch in pretrain_loader(data_uri, split, cfg, tokenizer, seed=cfg.train.seed, train=False):
-            out = model.trunk.pretrain_forward(**batch.to(device).model_inputs())
+            inputs = batch.to(device).model_inputs()
             t, m = batch.num_texts, int((batch.mlm_labels != -100).sum())
-            totals += torch.tensor([float(out.acc_itm) * t, t, float(out.acc_mlm) * m, m], dtype=torch.float64)
+            for k, x in enumerate((inputs, blind_inputs(inputs))[:passes]):
+                out = model.trunk.pretrain_forward(**x)
+                totals[k] += torch.tensor([float(out.acc_itm) * t, t, float(out.acc_mlm) * m, m], dtype=torch.float64)
             images += batch.images.shape[0]
-        return EvalResult(images, {"acc_itm": float(totals[0] / max(totals[1], 1)),
-                                   "acc_mlm": float(totals[2] / max(totals[3], 1))})
+
+        def accuracies(row: torch.Tensor) -> dict[str, float]:
+            return {"acc_itm": float(row[0] / max(row[1], 1)), "acc_mlm": float(row[2] / max(row[3], 1))}
+
+        result = EvalResult(images, accuracies(totals[0]))
+        if passes == 2:
+            result.primary, result.baselines = "acc_itm", {BLIND: accuracies(totals[1])}
+        return result
