@@ -1,4 +1,5 @@
-"""The pre-training step: a PyTorchJob on the cluster (``launcher="pytorchjob"``), torchrun here."""
+"""The pre-training step: a PyTorchJob (``launcher="pytorchjob"``) or a Trainer v2 TrainJob
+(``launcher="trainjob"``) on the cluster, torchrun here."""
 
 from typing import List
 
@@ -12,9 +13,9 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              launcher: str = "pytorchjob", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
              cpu_per_node: str = "8", memory_per_node: str = "32Gi", namespace: str = "",
              wandb_project: str = "", s3_secret: str = "soho-s3", wandb_secret: str = "soho-wandb",
-             image: str = "", timeout_s: int = 604800) -> str:
+             image: str = "", timeout_s: int = 604800, training_runtime: str = "torch-distributed") -> str:
     """Returns the pre-training run URI (``runs/<run_id>/pretrain``: checkpoints/, metrics.jsonl).
-    The PyTorchJob is watched to its end: failure, timeout or a vanished job fail this step,
+    The job (PyTorchJob, or TrainJob on the ClusterTrainingRuntime ``training_runtime``) is watched to its end: failure, timeout or a vanished job fail this step,
     and cancel or timeout delete the job. ``image`` is the job pods' image (the pipeline passes
     :data:`components.IMAGE`, the one this step runs)."""
     from soho_core.pipeline.steps import pretrain as run
@@ -22,4 +23,5 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
     return run(preset, shards, store_root, run_id, overrides, launcher=launcher, nodes=nodes,
                procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, image=image, namespace=namespace,
                wandb_project=wandb_project, timeout_s=timeout_s, cpu_per_node=cpu_per_node,
-               memory_per_node=memory_per_node, s3_secret=s3_secret, wandb_secret=wandb_secret)
+               memory_per_node=memory_per_node, s3_secret=s3_secret, wandb_secret=wandb_secret,
+               training_runtime=training_runtime)

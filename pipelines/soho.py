@@ -96,6 +96,7 @@ def build_pipeline(parallelism: int = 0):
         max_objects: int = 4,
         seed: int = 0,
         launcher: str = "pytorchjob",
+        training_runtime: str = "torch-distributed",
         namespace: str = "",
         s3_secret: str = "soho-s3",
         wandb_secret: str = "soho-wandb",
@@ -107,7 +108,8 @@ def build_pipeline(parallelism: int = 0):
         ``store_root``; NLVR2 and Flickr30K images are user-provided) or the URI of a dataset already
         in place. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
         ``overrides`` are ``a.b=c`` config settings for every training (e.g. ``train.max_steps=100``);
-        ``launcher`` is ``pytorchjob`` on a cluster, ``torchrun`` on one machine."""
+        ``launcher`` is ``pytorchjob`` (Kubeflow training operator v1) or ``trainjob`` (Kubeflow Trainer v2,
+        on the ClusterTrainingRuntime ``training_runtime``) on a cluster, ``torchrun`` on one machine."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the run's id: its folder in the store and its wandb group
 
         data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
@@ -121,8 +123,8 @@ def build_pipeline(parallelism: int = 0):
                                  overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
                                  gpus_per_node=gpus_per_node, namespace=namespace, wandb_project=wandb_project,
                                  s3_secret=s3_secret, wandb_secret=wandb_secret, image=IMAGE,
-                                 timeout_s=pretrain_timeout_s)
-        # With launcher=pytorchjob this pod only creates and watches the job (the GPUs are the job's);
+                                 timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
+        # With launcher=pytorchjob or trainjob this pod only creates and watches the job (the GPUs are the job's);
         # with launcher=torchrun it trains itself.
         _store_access(pretrain_task, s3_secret).set_caching_options(False).set_display_name("pretrain")
         pretrain_task.set_cpu_limit("2").set_memory_limit("8Gi")

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 from kubernetes.client import ApiException
+from kube_helpers import FakeClock
 
 from soho_core.launch import soho_args
 from soho_core.launch.pytorchjob import GROUP, PLURAL, VERSION, JobSpec, build_pytorchjob, job_name
@@ -159,17 +160,6 @@ RUNNING = CREATED + [cond("Running")]
 SUCCEEDED = RUNNING[:1] + [cond("Running", "False"), cond("Succeeded", reason="PyTorchJobSucceeded")]
 FAILED = RUNNING[:1] + [cond("Running", "False"),
                         cond("Failed", reason="PyTorchJobFailed", message="master-0 exited with code 1")]
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, s):
-        self.now += s
 
 
 def _run(api, timeout_s=600.0, clock=None):

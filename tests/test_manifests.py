@@ -23,6 +23,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from kube_helpers import strict_schema
 
 try:
     import tomllib
@@ -86,24 +87,9 @@ def soho_containers(docs: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------- schemas
 
 def strict_crd_schema(crd: dict) -> dict:
-    """The CRD's openAPIV3Schema with unknown fields rejected wherever the API server would prune
-    them (objects with declared properties and no x-kubernetes-preserve-unknown-fields)."""
+    """The CRD's openAPIV3Schema, unknown fields rejected (see kube_helpers.strict_schema)."""
     version = next(v for v in crd["spec"]["versions"] if v["name"] == VERSION)
-    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
-
-    def walk(node):
-        if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
-                node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
+    return strict_schema(version["schema"]["openAPIV3Schema"])
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +112,7 @@ def schema_errors(doc: dict, crd_validator) -> list[str]:
 
 def test_every_kustomization_is_tested():
     found = {str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml")}
-    assert found == {*KUSTOMIZATIONS, "secrets"}
+    assert found == {*KUSTOMIZATIONS, "secrets", "trainjob"}  # trainjob: tests/test_trainjob.py
 
 
 @needs_kubectl
@@ -168,6 +154,7 @@ def test_rbac_grants_what_the_launcher_uses_and_nothing_more(rendered):
              for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
     assert rules == {
         (GROUP, PLURAL): {"create", "get", "list", "watch", "delete"},
+        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
     }
@@ -176,7 +163,9 @@ def test_rbac_grants_what_the_launcher_uses_and_nothing_more(rendered):
     source = (ROOT / "soho_core" / "launch" / "watch.py").read_text()
     used = set(re.findall(r"api\.(\w+)_namespaced_custom_object", source))
     assert used == {"create", "get", "delete"}
-    assert used <= rules[(GROUP, PLURAL)]
+    assert used <= rules[(GROUP, PLURAL)] and used <= rules[("trainer.kubeflow.org", "trainjobs")]
+    # And the TrainJob's log follower finds its pod by labels (list) before reading its log.
+    assert set(re.findall(r"api\.(\w+)_namespaced_pod\b", source)) <= rules[("", "pods")]
 
     account = one(base, "ServiceAccount")
     binding = one(base, "RoleBinding")

@@ -1,19 +1,21 @@
-"""Create a PyTorchJob, follow it to the end, and never let a failure look like success.
+"""Create a training job (a PyTorchJob or a Trainer v2 TrainJob), follow it to the end, and
+never let a failure look like success.
 
     from soho_core.launch.watch import run_job
     run_job(api, body, timeout_s=86400)      # api: kubernetes.client.CustomObjectsApi()
 
 :func:`run_job` creates the job (adopting one of the same name left by an earlier try of
 the same pipeline step), then polls its status and prints every change of state (the
-step's log in the Kubeflow UI). It returns when the job's ``Succeeded`` condition is
-true and raises :class:`JobFailed` on ``Failed``, :class:`JobTimeout` past the deadline,
+step's log in the Kubeflow UI). It returns when the job's ``Succeeded`` condition (a TrainJob's
+``Complete``) is true and raises :class:`JobFailed` on ``Failed``, :class:`JobTimeout` past the deadline,
 :class:`JobVanished` when the job is deleted under it, and :class:`JobCancelled` when the
 step is cancelled (SIGTERM, as Kubeflow sends on cancel, or Ctrl-C). On timeout and
 cancel the job is deleted, so no GPU keeps training for a run nobody waits for.
 
 Only three ``CustomObjectsApi`` methods are used (create, get, delete of a namespaced
-custom object), and with a ``CoreV1Api`` one more, ``read_namespaced_pod_log``: the Master
-pod's new log lines are copied into the step's log at every poll (:class:`PodLogFollower`).
+custom object), and with a ``CoreV1Api`` one or two more, ``read_namespaced_pod_log`` (and for
+a TrainJob, whose pod names the JobSet controller makes up, ``list_namespaced_pod``): the first
+node's new log lines are copied into the step's log at every poll (:class:`PodLogFollower`).
 That is also the surface the tests fake.
 """
 
@@ -26,7 +28,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from soho_core.launch.pytorchjob import GROUP, PLURAL, VERSION
+from soho_core.launch import pytorchjob, trainjob
+
+# kind -> (group, version, plural) of every job kind the launcher creates
+RESOURCES = {pytorchjob.KIND: (pytorchjob.GROUP, pytorchjob.VERSION, pytorchjob.PLURAL),
+             trainjob.KIND: (trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL)}
+
+
+def resource(kind: str) -> tuple[str, str, str]:
+    """(group, version, plural) of a job kind; an unknown kind is a ValueError naming the valid ones."""
+    if kind not in RESOURCES:
+        raise ValueError(f"cannot launch a {kind!r}: valid kinds are {', '.join(RESOURCES)}")
+    return RESOURCES[kind]
 
 
 class JobError(RuntimeError):
@@ -52,7 +65,9 @@ class JobCancelled(JobError):
 @dataclass(frozen=True)
 class JobState:
     """The job's state as the operator reports it: the latest true condition (``Created``,
-    ``Running``, ``Restarting``, ``Succeeded``, ``Failed``, ``Suspended``) and its message."""
+    ``Running``, ``Restarting``, ``Succeeded``, ``Failed``, ``Suspended``) and its message. A
+    TrainJob's ``Complete`` reads as ``Succeeded``, and it is ``Running`` while a child job is
+    active (Trainer v2 has no Running condition)."""
 
     phase: str
     reason: str = ""
@@ -65,18 +80,27 @@ class JobState:
 
 
 def job_state(obj: dict[str, Any]) -> JobState:
-    """Read the state from a PyTorchJob object. A terminal condition wins over any later one
-    (the operator may append e.g. ``Running=False`` after ``Succeeded``)."""
+    """Read the state from a PyTorchJob or TrainJob object. A terminal condition wins over any
+    later one (the operator may append e.g. ``Running=False`` after ``Succeeded``)."""
     status = obj.get("status") or {}
-    true = [c for c in status.get("conditions") or [] if str(c.get("status")) == "True"]
+    rename = {"Complete": "Succeeded"} if obj.get("kind") == trainjob.KIND else {}
+    true = [dict(c, type=rename.get(c.get("type"), c.get("type")))
+            for c in status.get("conditions") or [] if str(c.get("status")) == "True"]
     terminal = [c for c in true if c.get("type") in ("Succeeded", "Failed")]
     cond = (terminal or true or [{}])[-1]
     parts = []
     for role, counts in sorted((status.get("replicaStatuses") or {}).items()):
         bits = [f"{counts[k]} {k}" for k in ("active", "succeeded", "failed") if counts.get(k)]
         parts.append(f"{role}: {', '.join(bits) or 'pending'}")
-    return JobState(phase=cond.get("type", "Pending"), reason=cond.get("reason", ""),
-                    message=cond.get("message", ""), replicas="; ".join(parts))
+    jobs = status.get("jobsStatus") or []
+    for counts in jobs:
+        bits = [f"{counts[k]} {k}" for k in ("active", "ready", "succeeded", "failed", "suspended") if counts.get(k)]
+        parts.append(f"{counts.get('name', '?')}: {', '.join(bits) or 'pending'}")
+    phase = cond.get("type", "Pending")
+    if not terminal and phase in ("Pending", "Created") and any(j.get("active") for j in jobs):
+        phase = "Running"
+    return JobState(phase=phase, reason=cond.get("reason", ""), message=cond.get("message", ""),
+                    replicas="; ".join(parts))
 
 
 def _status_code(err: Exception) -> int | None:
@@ -86,22 +110,25 @@ def _status_code(err: Exception) -> int | None:
 def create_or_adopt(api, body: dict[str, Any], log: Callable[[str], None] = print) -> None:
     """Create the job; if one of the same name exists (409), adopt it: the step was retried and
     the training resumes from its own checkpoints, so starting a second copy would only compete."""
-    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    ns, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
+    group, version, plural = resource(kind)
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
-        log(f"created PyTorchJob {ns}/{name}")
+        api.create_namespaced_custom_object(group, version, ns, plural, body)
+        log(f"created {kind} {ns}/{name}")
     except Exception as err:  # kubernetes.client.ApiException carries .status
         if _status_code(err) != 409:
             raise
-        log(f"PyTorchJob {ns}/{name} already exists: following it (a retried step)")
+        log(f"{kind} {ns}/{name} already exists: following it (a retried step)")
 
 
-def delete_job(api, namespace: str, name: str, log: Callable[[str], None] = print) -> None:
+def delete_job(api, namespace: str, name: str, log: Callable[[str], None] = print,
+               kind: str = pytorchjob.KIND) -> None:
     """Delete the job and its pods (foreground propagation); an already missing job is fine."""
+    group, version, plural = resource(kind)
     try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+        api.delete_namespaced_custom_object(group, version, namespace, plural, name,
                                             body={"propagationPolicy": "Foreground"})
-        log(f"deleted PyTorchJob {namespace}/{name}")
+        log(f"deleted {kind} {namespace}/{name}")
     except Exception as err:
         if _status_code(err) != 404:
             raise
@@ -115,8 +142,12 @@ class PodLogFollower:
     windows overlap. A pod not there yet (or between restarts) is skipped quietly; any other
     error is reported once and log following stops, never the watch."""
 
-    def __init__(self, core_api, namespace: str, pod: str, log: Callable[[str], None] = print):
+    def __init__(self, core_api, namespace: str, pod: str = "", log: Callable[[str], None] = print,
+                 selector: str = ""):
+        """Follow the pod named ``pod``, or (``selector``) the first pod with those labels, looked
+        up again whenever it is gone (a restarted pod gets a new name)."""
         self.api, self.namespace, self.pod, self.log = core_api, namespace, pod, log
+        self.selector = selector
         self.last = ""  # RFC 3339 timestamp of the last line printed (they sort as strings)
         self.seen_at_last: set[str] = set()
         self.enabled = True
@@ -124,11 +155,24 @@ class PodLogFollower:
     def poll(self, window_s: float) -> None:
         if not self.enabled:
             return
+        if self.selector and not self.pod:
+            try:
+                pods = self.api.list_namespaced_pod(self.namespace, label_selector=self.selector).items
+            except Exception as err:
+                self.log(f"cannot list the pods {self.selector!r} in {self.namespace} ({err}); following the "
+                         f"job's state only")
+                self.enabled = False
+                return
+            if not pods:
+                return  # not created yet
+            self.pod = sorted(p.metadata.name for p in pods)[0]
         try:
             text = self.api.read_namespaced_pod_log(self.pod, self.namespace, timestamps=True,
                                                     since_seconds=max(1, int(window_s) + 1))
         except Exception as err:
             if _status_code(err) in (400, 404):  # not scheduled yet, or the container is starting
+                if self.selector and _status_code(err) == 404:
+                    self.pod = ""  # gone: look the pod up again next time
                 return
             self.log(f"cannot read the logs of pod {self.namespace}/{self.pod} ({err}); following the job's "
                      f"state only")
@@ -149,12 +193,20 @@ def master_pod(job_name: str) -> str:
     return f"{job_name}-master-0"
 
 
+def first_node_selector(job_name: str) -> str:
+    """Labels of a TrainJob's first node pod (JobSet's labels on the runtime's ``node`` job)."""
+    return (f"jobset.sigs.k8s.io/jobset-name={job_name},jobset.sigs.k8s.io/replicatedjob-name={trainjob.NODE},"
+            f"jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0")
+
+
 def watch_job(api, namespace: str, name: str, timeout_s: float, poll_s: float = 10.0,
               log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep, logs: PodLogFollower | None = None) -> JobState:
+              sleep: Callable[[float], None] = time.sleep, logs: PodLogFollower | None = None,
+              kind: str = pytorchjob.KIND) -> JobState:
     """Poll until the job ends; log each change of state (and, with ``logs``, the Master's new
     log lines). Returns the ``Succeeded`` state, raises :class:`JobFailed`, :class:`JobTimeout`
     or :class:`JobVanished` (the job is left as it is: :func:`run_job` decides what to delete)."""
+    group, version, plural = resource(kind)
     deadline = clock() + timeout_s
     last: JobState | None = None
     last_poll = clock()
@@ -164,27 +216,27 @@ def watch_job(api, namespace: str, name: str, timeout_s: float, poll_s: float = 
             logs.poll(clock() - last_poll + poll_s)
             last_poll = clock()
         try:
-            obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
         except Exception as err:
             if _status_code(err) == 404:
-                raise JobVanished(f"PyTorchJob {namespace}/{name} disappeared while running "
+                raise JobVanished(f"{kind} {namespace}/{name} disappeared while running "
                                   f"(last state: {last.phase if last else 'never seen'}); it was deleted "
                                   f"outside this step") from err
             raise
         state = job_state(obj)
         if state != last:
             detail = "  ".join(x for x in (state.replicas, state.reason, state.message) if x)
-            log(f"PyTorchJob {namespace}/{name}: {state.phase}" + (f"  ({detail})" if detail else ""))
+            log(f"{kind} {namespace}/{name}: {state.phase}" + (f"  ({detail})" if detail else ""))
             last = state
         if state.done and logs is not None:
             logs.poll(clock() - last_poll + poll_s)  # the last lines before the end
         if state.phase == "Succeeded":
             return state
         if state.phase == "Failed":
-            raise JobFailed(f"PyTorchJob {namespace}/{name} failed: {state.reason or '-'}: "
+            raise JobFailed(f"{kind} {namespace}/{name} failed: {state.reason or '-'}: "
                             f"{state.message or 'no message'} ({state.replicas or 'no replica status'})")
         if clock() >= deadline:
-            raise JobTimeout(f"PyTorchJob {namespace}/{name} did not finish within {timeout_s:.0f} s "
+            raise JobTimeout(f"{kind} {namespace}/{name} did not finish within {timeout_s:.0f} s "
                              f"(last state: {state.phase})")
         sleep(min(poll_s, max(0.0, deadline - clock())))
 
@@ -216,14 +268,18 @@ def run_job(api, body: dict[str, Any], timeout_s: float, poll_s: float = 10.0,
     A failed job is kept for its logs (the operator's TTL removes it); a timed-out or
     cancelled one is deleted. Every non-success raises a :class:`JobError`.
     """
-    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    logs = PodLogFollower(core_api, ns, master_pod(name), log) if core_api is not None else None
+    ns, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
+    resource(kind)
+    logs = None
+    if core_api is not None:
+        logs = (PodLogFollower(core_api, ns, selector=first_node_selector(name), log=log) if kind == trainjob.KIND
+                else PodLogFollower(core_api, ns, master_pod(name), log))
     with _sigterm_as_cancel():
         create_or_adopt(api, body, log)
         try:
-            return watch_job(api, ns, name, timeout_s, poll_s, log, clock, sleep, logs=logs)
+            return watch_job(api, ns, name, timeout_s, poll_s, log, clock, sleep, logs=logs, kind=kind)
         except (JobTimeout, JobCancelled, KeyboardInterrupt):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not stop the cleanup
-            delete_job(api, ns, name, log)
+            delete_job(api, ns, name, log, kind=kind)
             raise

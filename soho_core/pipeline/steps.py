@@ -2,7 +2,7 @@
 
     data      prepare_data(source, store_root, ..., tasks)   -> dataset URI (synthetic | official | URI)
     shard     shard_task(dataset, store_root, task)          -> shard root URI
-    pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob", ...)
+    pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob"|"trainjob", ...)
     finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
     evaluate  evaluate(task, checkpoint, shards, overrides)  -> metrics.json contents (+ its URI)
     report    soho_core.report.write_report(...)
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from soho_core import storage
 from soho_core.data.shards import TASKS
 
-LAUNCHERS = ("torchrun", "pytorchjob")
+LAUNCHERS = ("torchrun", "pytorchjob", "trainjob")
 SOURCES = ("synthetic", "official")
 
 
@@ -140,9 +140,10 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              launcher: str = "torchrun", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
              image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
              cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = "soho-s3",
-             wandb_secret: str = "soho-wandb") -> str:
-    """The pre-training step: the same ``soho pretrain`` command, under torchrun here or as a
-    PyTorchJob of ``nodes`` x ``procs_per_node`` on the cluster. Returns the run's URI."""
+             wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed") -> str:
+    """The pre-training step: the same ``soho pretrain`` command, under torchrun here, or on the
+    cluster as a PyTorchJob (training operator v1) or a TrainJob on the ClusterTrainingRuntime
+    ``training_runtime`` (Kubeflow Trainer v2) of ``nodes`` x ``procs_per_node``. Returns the run's URI."""
     from soho_core.config import load_config
     from soho_core.launch import soho_args
 
@@ -156,19 +157,20 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
         from soho_core.launch.local import run_torchrun
 
         run_torchrun(args, procs=procs_per_node, timeout_s=timeout_s, env=env)
-    elif launcher == "pytorchjob":
+    elif launcher in ("pytorchjob", "trainjob"):
         if not image:
-            raise ValueError("launcher='pytorchjob' needs the image the job's pods run")
+            raise ValueError(f"launcher={launcher!r} needs the image the job's pods run")
         from soho_core.launch.pytorchjob import JobSpec, build_pytorchjob, job_name
+        from soho_core.launch.trainjob import build_trainjob
         from soho_core.launch.watch import run_job
 
-        api = kubernetes_api()
         spec = JobSpec(name=job_name("soho-pretrain", run_id), namespace=namespace or current_namespace(),
                        image=image, soho_args=args, nodes=nodes, procs_per_node=procs_per_node,
                        gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
                        s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
                        labels={"soho/pipeline-run": job_name("r", run_id)[2:]})
-        run_job(api, build_pytorchjob(spec), timeout_s=timeout_s, core_api=kubernetes_core_api())
+        body = build_pytorchjob(spec) if launcher == "pytorchjob" else build_trainjob(spec, training_runtime)
+        run_job(kubernetes_api(), body, timeout_s=timeout_s, core_api=kubernetes_core_api())
     else:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     return out
