@@ -354,3 +354,19 @@ def test_trainjob_manifest_validates_and_runs_the_launchers_job(trainjob_validat
     assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
     assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_missing_rbac_is_an_error_that_names_the_role_to_bind():
+    from soho_core.launch.watch import LAUNCHER_ROLE, JobError
+
+    class Forbidden(FakeTrainer):
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+            raise ApiException(status=403, reason="Forbidden")
+
+    with pytest.raises(JobError) as err:
+        _run(Forbidden([RUNNING]))
+    message = str(err.value)
+    assert f"--role={LAUNCHER_ROLE}" in message and "trainjobs.trainer.kubeflow.org" in message
+    assert "namespace team-a" in message
+    rbac = (ROOT / "manifests" / "base" / "rbac.yaml").read_text()
+    assert f"name: {LAUNCHER_ROLE}" in rbac

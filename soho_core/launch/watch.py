@@ -35,6 +35,9 @@ RESOURCES = {pytorchjob.KIND: (pytorchjob.GROUP, pytorchjob.VERSION, pytorchjob.
              trainjob.KIND: (trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL)}
 
 
+LAUNCHER_ROLE = "soho-pytorchjob-launcher"  # manifests/base/rbac.yaml: what the launcher needs, nothing more
+
+
 def resource(kind: str) -> tuple[str, str, str]:
     """(group, version, plural) of a job kind; an unknown kind is a ValueError naming the valid ones."""
     if kind not in RESOURCES:
@@ -116,6 +119,12 @@ def create_or_adopt(api, body: dict[str, Any], log: Callable[[str], None] = prin
         api.create_namespaced_custom_object(group, version, ns, plural, body)
         log(f"created {kind} {ns}/{name}")
     except Exception as err:  # kubernetes.client.ApiException carries .status
+        if _status_code(err) == 403:
+            raise JobError(
+                f"not allowed to create {kind} {ns}/{name} ({plural}.{group}): bind the Role {LAUNCHER_ROLE} "
+                f"(manifests/base/rbac.yaml) in namespace {ns} to the service account this step runs as, e.g. "
+                f"kubectl -n {ns} create rolebinding soho-kfp-runner --role={LAUNCHER_ROLE} "
+                f"--serviceaccount=NAMESPACE:ACCOUNT") from err
         if _status_code(err) != 409:
             raise
         log(f"{kind} {ns}/{name} already exists: following it (a retried step)")
