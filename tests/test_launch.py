@@ -54,7 +54,8 @@ def test_pytorchjob_validates_against_the_crd(crd_validator):
         (c,) = pod["containers"]
         assert c["name"] == "pytorch" and c["image"] == "ghcr.io/soho-kubeflow/soho:0.1.0"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
-        assert c["command"][:3] == ["python", "-m", "torch.distributed.run"]
+        assert c["command"][:3] == ["python", "-m", "soho_core.launch.node"]  # checks, then torchrun
+        assert replicas[role]["restartPolicy"] == "ExitCode"
         assert "--nnodes=3" in c["command"] and "--nproc-per-node=4" in c["command"]
         assert c["command"][c["command"].index("soho_core") + 1:] == _spec().soho_args
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")

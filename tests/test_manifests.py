@@ -34,8 +34,8 @@ import components
 import soho_core
 from soho_core import cli
 from soho_core.config import PRESETS, load_config
-from soho_core.launch.pytorchjob import (CONTAINER, GROUP, KIND, PLURAL, RDZV_PORT, VERSION, JobSpec,
-                                         torchrun_command)
+from soho_core.launch.pytorchjob import (CONTAINER, GROUP, KIND, PLURAL, RDZV_PORT, RESTART_POLICY, VERSION,
+                                         JobSpec, torchrun_command)
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -178,7 +178,7 @@ def test_rbac_grants_what_the_launcher_uses_and_nothing_more(rendered):
 # ------------------------------------------------------------------------------- the PyTorchJob
 
 def _parse_torchrun(command: list[str]) -> tuple[dict[str, str], list[str]]:
-    assert command[:3] == ["python", "-m", "torch.distributed.run"], command
+    assert command[:3] == ["python", "-m", "soho_core.launch.node"], command  # then torchrun
     i = command.index("-m", 3)
     flags = dict(arg[2:].split("=", 1) for arg in command[3:i])
     assert command[i + 1] == "soho_core", command
@@ -205,7 +205,7 @@ def test_pytorchjob_runs_the_launchers_command(rendered, name):
     # Master and Worker run the same pod: torchrun assigns node ranks at the rendezvous.
     assert replicas["Master"]["template"] == replicas["Worker"]["template"]
     for r in replicas.values():
-        assert r["restartPolicy"] == "OnFailure"
+        assert r["restartPolicy"] == RESTART_POLICY == "ExitCode"  # a usage error (2) is not retried
     template = replicas["Master"]["template"]
     pod = template["spec"]
     (c,) = pod["containers"]

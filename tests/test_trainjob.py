@@ -370,3 +370,33 @@ def test_missing_rbac_is_an_error_that_names_the_role_to_bind():
     assert "namespace team-a" in message
     rbac = (ROOT / "manifests" / "base" / "rbac.yaml").read_text()
     assert f"name: {LAUNCHER_ROLE}" in rbac
+
+
+# --------------------------------------------------------------------------- usage errors
+
+@pytest.mark.parametrize("bad, names", [
+    (["pretrain", "--config", "nope", "--data", "D", "--out", "O"], "nope"),
+    (["pretrain", "--config", "tiny", "--data", "D", "--out", "O", "--set", "optim.lrr=1"], "optim.lrr"),
+    (["pretrain", "--config", "tiny", "--data", "D", "--out", "O", "--frobnicate"], "--frobnicate"),
+    (["evaluate", "--task", "vqa", "--checkpoint", "C", "--data", "D", "--out", "O"], "soho evaluate"),
+])
+def test_a_usage_error_exits_2_before_torchrun_starts(tmp_path, bad, names):
+    """The pods' entry point refuses what can never work with exit code 2 (permanent under
+    restartPolicy ExitCode) instead of handing it to torchrun, which would retry it."""
+    command = trainjob_command(_spec(soho_args=bad, nodes=1, procs_per_node=2, gpus_per_node=0))
+    env = dict(os.environ, PET_NNODES="1", PET_NPROC_PER_NODE="2", PET_NODE_RANK="0",
+               PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(_free_port()))
+    done = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert names in done.stderr
+    assert "torch.distributed" not in done.stderr and "Starting elastic" not in done.stderr  # never started
+
+
+def test_the_entry_point_splits_torchrun_options_from_soho_arguments():
+    from soho_core.launch.node import split_argv
+
+    assert split_argv(["--nnodes=2", "-m", "soho_core", "pretrain", "-m", "x"]) == (
+        ["--nnodes=2"], ["pretrain", "-m", "x"])
+    with pytest.raises(ValueError, match="-m soho_core"):
+        split_argv(["--nnodes=2", "pretrain"])

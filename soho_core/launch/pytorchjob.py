@@ -6,7 +6,8 @@ on N nodes x M processes.
                                     image=IMAGE, soho_args=[...], nodes=2, procs_per_node=8, gpus_per_node=8))
 
 One Master and ``nodes - 1`` Workers, all from the same pod template: the same image,
-``python -m torch.distributed.run`` with an elastic c10d rendezvous at the Master's
+``python -m torch.distributed.run`` (behind ``soho_core.launch.node``, which exits 2 on a usage
+error instead of letting torchrun retry it) with an elastic c10d rendezvous at the Master's
 service (so node ranks are assigned by torchrun, and a restarted pod rejoins), a
 memory-backed ``/dev/shm`` for the data loader workers, resources and GPUs per node,
 and S3 and wandb credentials from Kubernetes Secrets (``envFrom`` / ``secretKeyRef``):
@@ -21,6 +22,10 @@ from dataclasses import dataclass, field
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the training operator finds the training container by this name
+ENTRY = "soho_core.launch.node"  # checks the soho arguments, then execs torch.distributed.run
+# Exit codes 1-127 fail the replica for good (a usage error is 2; torchrun exits 1 once its own
+# restarts are spent); 128 and up (out-of-memory kill, a preemption's SIGTERM) restart the pod.
+RESTART_POLICY = "ExitCode"
 RDZV_PORT = 23456  # the operator's default master port, exposed by the Master's service
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
@@ -88,11 +93,12 @@ def _looks_secret(name: str) -> bool:
 
 
 def torchrun_command(spec: JobSpec) -> list[str]:
-    """The container command: torchrun with a c10d rendezvous at the Master's service.
+    """The container command: torchrun (behind :mod:`soho_core.launch.node`, which refuses a usage
+    error before torchrun could retry it) with a c10d rendezvous at the Master's service.
 
     ``$(MASTER_ADDR)`` is set by the operator in every replica and expanded by the kubelet.
     """
-    return ["python", "-m", "torch.distributed.run",
+    return ["python", "-m", ENTRY,
             f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.procs_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=$(MASTER_ADDR):{RDZV_PORT}", f"--rdzv-id={spec.name}",
             f"--max-restarts={spec.max_restarts}",
@@ -137,9 +143,9 @@ def build_pytorchjob(spec: JobSpec) -> dict:
 
     spec.validate()
     template = ApiClient().sanitize_for_serialization(pod_template(spec))
-    replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": RESTART_POLICY, "template": template}}
     if spec.nodes > 1:
-        replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": "OnFailure", "template": template}
+        replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": RESTART_POLICY, "template": template}
     run_policy: dict = {"cleanPodPolicy": "None", "backoffLimit": spec.backoff_limit,
                         "ttlSecondsAfterFinished": spec.ttl_after_finished_s}
     if spec.active_deadline_s:

@@ -24,13 +24,14 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
   :data:`S3_SECRET_KEYS`.
 - No ``backoffLimit`` or ``ttlSecondsAfterFinished`` per job: the runtime's JobSet sets its
   failure policy, and a finished TrainJob stays until deleted.
-- Restarts are torchrun's only (``--max-restarts``); pods are not restarted by an operator
-  policy of the job's own.
+- Restarts are torchrun's only (``--max-restarts``); which pod failures the runtime's JobSet
+  retries is the runtime's failure policy, not the job's (v1's ``restartPolicy: ExitCode``). A
+  usage error still exits 2 before torchrun starts (:mod:`soho_core.launch.node`).
 """
 
 from __future__ import annotations
 
-from soho_core.launch.pytorchjob import JobSpec, _cpu_count
+from soho_core.launch.pytorchjob import ENTRY, JobSpec, _cpu_count
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
@@ -43,7 +44,7 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_UR
 def trainjob_command(spec: JobSpec) -> list[str]:
     """torchrun with no node options: the runtime's ``PET_*`` variables set nodes, processes,
     rank and master. Only the restart budget is ours."""
-    return ["python", "-m", "torch.distributed.run", f"--max-restarts={spec.max_restarts}",
+    return ["python", "-m", ENTRY, f"--max-restarts={spec.max_restarts}",
             "-m", "soho_core", *spec.soho_args]
 
 
