@@ -15,8 +15,9 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              wandb_project: str = "", s3_secret: str = "soho-s3", wandb_secret: str = "soho-wandb",
              image: str = "", timeout_s: int = 604800, training_runtime: str = "torch-distributed") -> str:
     """Returns the pre-training run URI (``runs/<run_id>/pretrain``: checkpoints/, metrics.jsonl).
-    The job (PyTorchJob, or TrainJob on the ClusterTrainingRuntime ``training_runtime``) is watched to its end: failure, timeout or a vanished job fail this step,
-    and cancel or timeout delete the job. ``image`` is the job pods' image (the pipeline passes
+    The job (a PyTorchJob, or a TrainJob on the ClusterTrainingRuntime ``training_runtime``) is
+    watched to its end: failure, timeout or a vanished job fail this step, and cancel or timeout
+    delete the job. ``image`` is the job pods' image (the pipeline passes
     :data:`components.IMAGE`, the one this step runs)."""
     from soho_core.pipeline.steps import pretrain as run
 

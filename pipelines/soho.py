@@ -124,8 +124,8 @@ def build_pipeline(parallelism: int = 0):
                                  gpus_per_node=gpus_per_node, namespace=namespace, wandb_project=wandb_project,
                                  s3_secret=s3_secret, wandb_secret=wandb_secret, image=IMAGE,
                                  timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
-        # With launcher=pytorchjob or trainjob this pod only creates and watches the job (the GPUs are the job's);
-        # with launcher=torchrun it trains itself.
+        # With launcher=pytorchjob or trainjob this pod only creates and watches the job (the GPUs are
+        # the job's); with launcher=torchrun it trains itself.
         _store_access(pretrain_task, s3_secret).set_caching_options(False).set_display_name("pretrain")
         pretrain_task.set_cpu_limit("2").set_memory_limit("8Gi")
         kubernetes.use_secret_as_env(pretrain_task, secret_name=wandb_secret,

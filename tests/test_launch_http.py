@@ -102,20 +102,21 @@ def _spec(**kw):
 
 PYTORCHJOB_SCRIPT = [
     {"conditions": [cond("Created")]},
-    {"conditions": [cond("Created"), cond("Running")], "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 1}}},
+    {"conditions": [cond("Created"), cond("Running")],
+     "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 1}}},
     {"conditions": [cond("Created"), cond("Succeeded", "PyTorchJobSucceeded")],
      "replicaStatuses": {"Master": {"succeeded": 1}, "Worker": {"succeeded": 1}}},
 ]
 
 
-def _exists(custom, body) -> bool:
+def _stored(custom, body) -> dict | None:
+    """The job as the API server holds it, or None once it answers 404."""
     group, version, plural = resource(body["kind"])
     try:
-        custom.get_namespaced_custom_object(group, version, NS, plural, body["metadata"]["name"])
-        return True
+        return custom.get_namespaced_custom_object(group, version, NS, plural, body["metadata"]["name"])
     except client.ApiException as err:
         assert err.status == 404
-        return False
+        return None
 
 
 def test_pytorchjob_created_followed_to_success_with_the_masters_log(api_server):
@@ -134,8 +135,7 @@ def test_pytorchjob_created_followed_to_success_with_the_masters_log(api_server)
                                                                                       "Succeeded"]
     assert f"[{pod}] step 10  loss 3.2" in lines and f"[{pod}] step 20  loss 2.9" in lines
     assert lines.count(f"[{pod}] step 20  loss 2.9") == 1  # overlapping windows print a line once
-    assert _exists(custom, body)  # a finished job is left to the operator's TTL
-    stored = custom.get_namespaced_custom_object(*resource("PyTorchJob")[:2], NS, "pytorchjobs", "soho-pretrain-run1")
+    stored = _stored(custom, body)  # a finished job is left to the operator's TTL
     assert stored["spec"] == body["spec"]  # what went over the wire is the launcher's object
 
 
@@ -147,7 +147,7 @@ def test_a_failed_pytorchjob_fails_the_step_and_is_kept(api_server):
                                                                         "worker-0 exited with code 1")]}]).start()
     with pytest.raises(JobFailed, match="PyTorchJobFailed: worker-0 exited with code 1"):
         run_job(custom, body, timeout_s=30, poll_s=0.05, log=lambda _: None, core_api=core)
-    assert _exists(custom, body)
+    assert _stored(custom, body) is not None
 
 
 def test_a_retried_step_adopts_the_job_already_there(api_server):
@@ -166,7 +166,7 @@ def test_timeout_deletes_the_job(api_server):
     Controller(api_server, body, PYTORCHJOB_SCRIPT[:2]).start()
     with pytest.raises(JobTimeout, match="did not finish within 1 s"):
         run_job(custom, body, timeout_s=1, poll_s=0.05, log=lambda _: None)
-    assert not _exists(custom, body)  # 404 now
+    assert _stored(custom, body) is None  # 404 now
 
 
 def test_cancel_by_sigterm_deletes_the_job(api_server):
@@ -180,7 +180,7 @@ def test_cancel_by_sigterm_deletes_the_job(api_server):
             run_job(custom, body, timeout_s=30, poll_s=0.05, log=lambda _: None)
     finally:
         timer.cancel()
-    assert not _exists(custom, body)
+    assert _stored(custom, body) is None
 
 
 def test_missing_rbac_names_the_role_to_bind(api_server):
@@ -201,7 +201,8 @@ def test_trainjob_over_http_complete_and_timeout(api_server):
     body = build_trainjob(_spec())
     Controller(api_server, body, [
         {"conditions": [cond("Created")], "jobsStatus": [{"name": "node", "active": 2, "ready": 2}]},
-        {"conditions": [cond("Created"), cond("Complete", "JobsCompleted")], "jobsStatus": [{"name": "node", "succeeded": 2}]},
+        {"conditions": [cond("Created"), cond("Complete", "JobsCompleted")],
+         "jobsStatus": [{"name": "node", "succeeded": 2}]},
     ]).start()
     lines = []
     assert run_job(custom, body, timeout_s=30, poll_s=0.05, log=lines.append).phase == "Succeeded"
@@ -209,4 +210,4 @@ def test_trainjob_over_http_complete_and_timeout(api_server):
     other = build_trainjob(_spec(name="soho-pretrain-run2"))
     with pytest.raises(JobTimeout):
         run_job(custom, other, timeout_s=0.5, poll_s=0.05, log=lambda _: None)
-    assert not _exists(custom, other)
+    assert _stored(custom, other) is None

@@ -112,12 +112,8 @@ def pod_template(spec: JobSpec):
     env = [k8s.V1EnvVar(name=k, value=str(v)) for k, v in sorted(spec.env.items())]
     env.append(k8s.V1EnvVar(name="WANDB_API_KEY", value_from=k8s.V1EnvVarSource(
         secret_key_ref=k8s.V1SecretKeySelector(name=spec.wandb_secret, key="WANDB_API_KEY", optional=True))))
-    # Threads per process: the node's CPUs shared by its processes (torchrun would default to 1).
-    cpus = _cpu_count(spec.cpu_per_node)
-    env.append(k8s.V1EnvVar(name="OMP_NUM_THREADS", value=str(max(1, cpus // spec.procs_per_node))))
-    limits = {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node}
-    if spec.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
+    env.append(k8s.V1EnvVar(name="OMP_NUM_THREADS", value=threads_per_process(spec)))
+    limits = node_limits(spec)
     container = k8s.V1Container(
         name=CONTAINER, image=spec.image, image_pull_policy=spec.image_pull_policy,
         command=torchrun_command(spec), env=env,
@@ -129,8 +125,25 @@ def pod_template(spec: JobSpec):
     shm = k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size))
     pod = k8s.V1PodSpec(containers=[container], volumes=[shm],
                         service_account_name=spec.service_account or None)
-    labels = {"app.kubernetes.io/name": "soho", "app.kubernetes.io/component": "pretrain", **spec.labels}
-    return k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=labels), spec=pod)
+    return k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=job_labels(spec)), spec=pod)
+
+
+def job_labels(spec: JobSpec) -> dict[str, str]:
+    """The labels of the job and of its pods."""
+    return {"app.kubernetes.io/name": "soho", "app.kubernetes.io/component": "pretrain", **spec.labels}
+
+
+def node_limits(spec: JobSpec) -> dict[str, str]:
+    """Each node's resources (requested and limited alike): CPUs, memory and, with GPUs, one per process."""
+    limits = {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node}
+    if spec.gpus_per_node:
+        limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
+    return limits
+
+
+def threads_per_process(spec: JobSpec) -> str:
+    """OMP_NUM_THREADS: the node's CPUs shared by its processes (torchrun would default to 1)."""
+    return str(max(1, _cpu_count(spec.cpu_per_node) // spec.procs_per_node))
 
 
 def _cpu_count(quantity: str) -> int:
@@ -150,11 +163,10 @@ def build_pytorchjob(spec: JobSpec) -> dict:
                         "ttlSecondsAfterFinished": spec.ttl_after_finished_s}
     if spec.active_deadline_s:
         run_policy["activeDeadlineSeconds"] = spec.active_deadline_s
-    labels = {"app.kubernetes.io/name": "soho", "app.kubernetes.io/component": "pretrain", **spec.labels}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": job_labels(spec)},
         "spec": {"nprocPerNode": str(spec.procs_per_node), "runPolicy": run_policy,
                  "pytorchReplicaSpecs": replicas},
     }

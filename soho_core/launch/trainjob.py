@@ -22,6 +22,8 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
 - S3 credentials come key by key (``secretKeyRef``, each optional) rather than ``envFrom`` the
   whole Secret: the ``trainer`` slot and the container patch take ``env`` only. The keys are
   :data:`S3_SECRET_KEYS`.
+- No image pull policy (``JobSpec.image_pull_policy``): neither the ``trainer`` slot nor the
+  container patch has the field; the runtime's container sets it.
 - No ``backoffLimit`` or ``ttlSecondsAfterFinished`` per job: the runtime's JobSet sets its
   failure policy, and a finished TrainJob stays until deleted.
 - Restarts are torchrun's only (``--max-restarts``); which pod failures the runtime's JobSet
@@ -31,7 +33,7 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
 
 from __future__ import annotations
 
-from soho_core.launch.pytorchjob import ENTRY, JobSpec, _cpu_count
+from soho_core.launch.pytorchjob import ENTRY, JobSpec, job_labels, node_limits, threads_per_process
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
@@ -63,18 +65,15 @@ def build_trainjob(spec: JobSpec, runtime: str = "torch-distributed",
     env = [{"name": k, "value": str(v)} for k, v in sorted(spec.env.items())]
     env.append(_secret_env("WANDB_API_KEY", spec.wandb_secret, "WANDB_API_KEY"))
     env += [_secret_env(key, spec.s3_secret, key) for key in S3_SECRET_KEYS]
-    cpus = _cpu_count(spec.cpu_per_node)
-    env.append({"name": "OMP_NUM_THREADS", "value": str(max(1, cpus // spec.procs_per_node))})
-    limits = {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node}
-    if spec.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
+    env.append({"name": "OMP_NUM_THREADS", "value": threads_per_process(spec)})
+    limits = node_limits(spec)
     pod: dict = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
         "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
     }
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
-    labels = {"app.kubernetes.io/name": "soho", "app.kubernetes.io/component": "pretrain", **spec.labels}
+    labels = job_labels(spec)
     body_spec: dict = {
         "runtimeRef": {"apiGroup": GROUP, "kind": runtime_kind, "name": runtime},
         "trainer": {

@@ -97,7 +97,8 @@ def job_state(obj: dict[str, Any]) -> JobState:
         parts.append(f"{role}: {', '.join(bits) or 'pending'}")
     jobs = status.get("jobsStatus") or []
     for counts in jobs:
-        bits = [f"{counts[k]} {k}" for k in ("active", "ready", "succeeded", "failed", "suspended") if counts.get(k)]
+        bits = [f"{counts[k]} {k}" for k in ("active", "ready", "succeeded", "failed", "suspended")
+                if counts.get(k)]
         parts.append(f"{counts.get('name', '?')}: {', '.join(bits) or 'pending'}")
     phase = cond.get("type", "Pending")
     if not terminal and phase in ("Pending", "Created") and any(j.get("active") for j in jobs):
@@ -278,7 +279,7 @@ def run_job(api, body: dict[str, Any], timeout_s: float, poll_s: float = 10.0,
     cancelled one is deleted. Every non-success raises a :class:`JobError`.
     """
     ns, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
-    resource(kind)
+    resource(kind)  # an unknown kind fails here, before anything is created
     logs = None
     if core_api is not None:
         logs = (PodLogFollower(core_api, ns, selector=first_node_selector(name), log=log) if kind == trainjob.KIND
