@@ -25,6 +25,7 @@ class ApiServer:
     """kmock's KubernetesEmulator and its HTTP server, on their own event loop in a thread."""
 
     def __init__(self):
+        self.controllers: list[threading.Thread] = []  # joined before the server stops
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self._thread.start()
@@ -42,6 +43,8 @@ class ApiServer:
             await self._stop.wait()
 
     def close(self):
+        for controller in self.controllers:
+            controller.join(20)
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
@@ -74,6 +77,7 @@ class Controller(threading.Thread):
         self.custom, _ = clients(server)
         self.body, self.script, self.every = body, script, every
         self.group, self.version, self.plural = resource(body["kind"])
+        server.controllers.append(self)
 
     def run(self):
         name = self.body["metadata"]["name"]
