@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 
+from soho_core import storage
 from soho_core.config import PRESETS, ConfigError, load_config
 from soho_core.data.download import DATASETS as DOWNLOADABLE, USER_PROVIDED
 from soho_core.data.readers import SOURCES as OFFICIAL_SOURCES
@@ -148,15 +149,23 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "tiny") -
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
 
 
+# The arguments that name locations a command reads; ``--out`` is the one it writes.
+_READ_ARGS = ("data", "input", "images", "init", "checkpoint", "image", "image2")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # no "Found credentials in ..." above an error
     try:
+        for name in (*_READ_ARGS, "out"):  # S3 credentials, endpoint and buckets: before any work
+            if getattr(args, name, None):
+                storage.check_access(getattr(args, name), write=name == "out")
         if getattr(args, "nproc_per_node", None) is not None:
             return _launch(argv, args.nproc_per_node, args.max_restarts)
         return _run(args)
-    except (ConfigError, FileNotFoundError, PermissionError, ValueError) as err:  # bad input: before work
+    except (ConfigError, storage.StorageError, FileNotFoundError, PermissionError, ValueError) as err:  # bad input
         print(f"soho: error: {err}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as err:  # the store or the data failed mid-way: rerun to resume

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -48,24 +49,79 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def check_bucket(uri: str) -> None:
-    """Raise an error naming the bucket when ``uri`` is on S3 and its bucket does not exist or
-    cannot be accessed; nothing for other URIs. Call it before work starts: s3fs would
-    otherwise create a missing bucket on the first write, so a typo makes a new bucket."""
-    if is_local(uri):
+S3_SECRET = "soho-s3"  # the Secret whose keys become a cluster pod's AWS_* variables (manifests/secrets)
+_ON_CLUSTER = f"(on a cluster: in the Secret {S3_SECRET})"
+_KEYS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+# Why a 403 happened, by S3 error code (AWS, MinIO and Ceph use the same codes).
+_DENIED = {"InvalidAccessKeyId": f"this S3 service does not know AWS_ACCESS_KEY_ID: set {_KEYS} to its keys",
+           "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY is not the secret of AWS_ACCESS_KEY_ID: set the pair "
+                                    "that belongs together"}
+
+
+class StorageError(OSError):
+    """An S3 location cannot be used: no credentials, no answer from the endpoint, access denied
+    or no such bucket. The message is one line naming the URI and what to set."""
+
+
+class BucketMissingError(StorageError, FileNotFoundError):
+    """The URI's bucket does not exist at the endpoint."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The S3 service refused these credentials (403)."""
+
+
+def check_access(uri: str, write: bool = False) -> None:
+    """Raise a :class:`StorageError` when ``uri`` is on S3 and cannot be read (listed), or with
+    ``write`` written; nothing for other URIs. Call it before work starts. The write check puts
+    and deletes an empty object ``<uri>/.soho-write-check``: S3 cannot be asked about write access
+    without writing. Few retries and short timeouts, so a wrong endpoint fails in seconds."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("s3", "s3a"):
         return
-    fs, path = fs_and_path(uri)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "s3" not in protocols:
-        return
-    bucket = path.split("/", 1)[0]
+    import botocore.session
+    from botocore import exceptions as bx
+    from botocore.config import Config
+
+    bucket, key = parts.netloc, parts.path.strip("/")
+    config = Config(connect_timeout=5, read_timeout=15, retries={"mode": "standard", "max_attempts": 2})
+    action = "list"
     try:
-        fs.call_s3("head_bucket", Bucket=bucket)  # s3fs turns 404 / 403 into the errors below
-    except FileNotFoundError:
-        raise FileNotFoundError(f"S3 bucket {bucket!r} does not exist (in {uri}): create it, or fix the URI") from None
-    except PermissionError:
-        raise PermissionError(f"S3 bucket {bucket!r} (in {uri}) exists but these credentials may not use it "
-                              f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
+        client = botocore.session.Session().create_client("s3", config=config)
+        client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        if write:
+            action = "write to"
+            probe = f"{key}/.soho-write-check" if key else ".soho-write-check"
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)  # checkpoint pruning deletes too
+    except ValueError as err:  # create_client: "Invalid endpoint: ..."
+        raise StorageError(f"cannot use {uri}: {err}: set AWS_ENDPOINT_URL to the S3 service's http(s) URL, "
+                           f"or unset it for AWS S3 {_ON_CLUSTER}") from None
+    except (bx.NoCredentialsError, bx.PartialCredentialsError):
+        raise StorageError(f"no S3 credentials for {uri}: set {_KEYS} {_ON_CLUSTER}") from None
+    except (bx.ConnectionError, bx.HTTPClientError) as err:
+        reason = ("TLS failed" if isinstance(err, bx.SSLError) else "timed out"
+                  if isinstance(err, (bx.ConnectTimeoutError, bx.ReadTimeoutError)) else "connection refused or "
+                  "unknown host")
+        raise StorageError(f"cannot reach the S3 endpoint {client.meta.endpoint_url} ({reason}) for {uri}: set "
+                           f"AWS_ENDPOINT_URL to the S3 service's URL, or unset it for AWS S3 {_ON_CLUSTER}") from None
+    except bx.ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket" or status == 404:
+            raise BucketMissingError(f"S3 bucket {bucket!r} does not exist at {client.meta.endpoint_url} (in {uri}): "
+                                     f"create it, or fix the URI or AWS_ENDPOINT_URL {_ON_CLUSTER}") from None
+        if status == 403:
+            why = _DENIED.get(code, f"these keys may not {action} it ({code or 403}): let them in the bucket's or "
+                                    f"the user's policy, or set {_KEYS} to keys that may")
+            raise AccessDeniedError(f"S3 access to {uri} denied: {why} {_ON_CLUSTER}") from None
+        raise StorageError(f"S3 refused {uri} at {client.meta.endpoint_url}: {code or status}") from None
+
+
+def check_bucket(uri: str) -> None:
+    """:func:`check_access` for reading. s3fs would create a missing bucket on the first write,
+    so a typo makes a new bucket: library functions that write call this first."""
+    check_access(uri)
 
 
 def open_uri(uri: str, mode: str = "rb"):

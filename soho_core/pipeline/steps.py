@@ -13,20 +13,47 @@ runs), training runs by pipeline run id (``runs/<run id>/<step>``). Steps are id
 so a retried step is safe: data and shards already complete are kept (``manifest.json``
 and ``index.json`` are written last), training resumes from its latest checkpoint.
 
+Each step first checks the store (:func:`soho_core.storage.check_access`): without S3 credentials,
+with a wrong endpoint, refused access or a missing bucket it ends with one ``soho: error: ...``
+line in its log, not a traceback.
+
 The run id is also the wandb group (``WANDB_RUN_GROUP``, with ``WANDB_PROJECT`` and
 ``SOHO_PIPELINE_RUN_ID``), set in the training processes' environment.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from soho_core import storage
 from soho_core.data.shards import TASKS
 
 LAUNCHERS = ("torchrun", "pytorchjob", "trainjob")
 SOURCES = ("synthetic", "official")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _storage_errors_in_one_line(step: F) -> F:
+    """The step with a storage error ending the process with its one line (exit status 1), so the
+    step's log says what to set instead of showing a traceback."""
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except storage.StorageError as err:
+            raise SystemExit(f"soho: error: {err}") from None
+
+    return run  # type: ignore[return-value]
+
+
+def _check_store(reads: Sequence[str], writes: Sequence[str]) -> None:
+    for uri in reads:
+        storage.check_access(uri)
+    for uri in writes:
+        storage.check_access(uri, write=True)
 
 
 def _check_task(task: str, valid: Sequence[str]) -> None:
@@ -46,6 +73,7 @@ def _is_synthetic(dataset: str) -> bool:
     return storage.exists(storage.join(dataset, "manifest.json"))
 
 
+@_storage_errors_in_one_line
 def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int = 0, image_size: int = 128,
                  min_objects: int = 2, max_objects: int = 4, tasks: Sequence[str] = (),
                  download_sources=None) -> str:
@@ -58,6 +86,7 @@ def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int
     folder in the official layout (checked for the folders ``tasks`` need). ``download_sources``
     replaces the URL table (tests).
     """
+    _check_store([source], [store_root])  # a source that is no URI is no S3 location either
     if source == "synthetic":
         out = dataset_uri(store_root, num_images, seed, image_size)
         if storage.exists(storage.join(out, "manifest.json")):
@@ -90,11 +119,13 @@ def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int
     raise ValueError(f"data source {source!r} is neither one of {', '.join(SOURCES)} nor a dataset URI")
 
 
+@_storage_errors_in_one_line
 def shard_task(dataset: str, store_root: str, task: str, shard_max_count: int = 10_000) -> str:
     """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``,
     from the synthetic world or, for the official layout, with the task's readers (pre-training:
     COCO and VG); returns the shard root (the folder holding every task's folder)."""
     _check_task(task, TASKS)
+    _check_store([dataset], [store_root])
     root = storage.join(store_root, "shards", dataset.rstrip("/").rsplit("/", 1)[-1])
     index_uri = storage.join(root, task, "index.json")
     synthetic = _is_synthetic(dataset)
@@ -136,6 +167,7 @@ def tracking_env(run_id: str, wandb_project: str) -> dict[str, str]:
     return env
 
 
+@_storage_errors_in_one_line
 def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: Sequence[str] = (),
              launcher: str = "torchrun", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
              image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
@@ -148,6 +180,7 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
     from soho_core.launch import soho_args
 
     load_config(preset, list(overrides))  # a bad preset or override fails here, before any launch
+    _check_store([shards], [store_root])
     out = run_uri(store_root, run_id, "pretrain")
     args = soho_args("pretrain", preset, shards, out, overrides)
     env = tracking_env(run_id, wandb_project)
@@ -207,6 +240,7 @@ def current_namespace() -> str:
                          f"pass the namespace explicitly") from None
 
 
+@_storage_errors_in_one_line
 def finetune(task: str, preset: str, shards: str, init: str, store_root: str, run_id: str,
              overrides: Sequence[str] = (), procs: int = 1, wandb_project: str = "",
              timeout_s: float = 7 * 86400) -> str:
@@ -219,6 +253,7 @@ def finetune(task: str, preset: str, shards: str, init: str, store_root: str, ru
 
     _check_task(task, DOWNSTREAM)
     load_config(preset, list(overrides))
+    _check_store([shards, init], [store_root])
     out = run_uri(store_root, run_id, task)
     run_torchrun(soho_args("finetune", preset, shards, out, overrides, init=init, task=task),
                  procs=max(1, procs), timeout_s=timeout_s, env=tracking_env(run_id, wandb_project))
@@ -230,6 +265,7 @@ def evaluation_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if o.startswith(("data.", "finetune."))]
 
 
+@_storage_errors_in_one_line
 def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] = (),
              split: str = "test") -> tuple[str, dict[str, Any]]:
     """The evaluation step: writes ``<checkpoint run>/metrics.json``; returns (its URI, its contents)."""
@@ -237,6 +273,7 @@ def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] =
     from soho_core.train.engine import evaluate as run_evaluation
 
     _check_task(task, DOWNSTREAM)
+    _check_store([shards], [checkpoint])
     out = storage.join(checkpoint, "metrics.json")
     report = run_evaluation(get_task(task), checkpoint, shards, out, split=split,
                             overrides=evaluation_overrides(overrides))
