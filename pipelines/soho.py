@@ -11,8 +11,16 @@ store gets the S3 Secret (``s3_secret``: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACC
 ``AWS_ENDPOINT_URL``) as environment variables, training steps also the wandb Secret
 (``WANDB_API_KEY``). Data preparation is cached (its outputs depend only on its
 inputs); training, evaluation and the report are not. The I/O steps retry.
+
+Every pod requests what it needs and is limited: I/O steps and the report by the sizes below,
+a pod that only watches a training job by a small size, and every training or evaluation pod
+(and each node of the pre-training job) by ``cpu_per_node`` and ``memory_per_node``, requested
+and limited alike so that a training pod is never the first evicted. Pods that ask for GPUs also
+get ``gpu_tolerations`` and ``gpu_node_selector``; training and evaluation pods get a
+memory-backed ``/dev/shm`` of a bounded size for the data loader workers.
 """
 
+from dataclasses import dataclass
 from typing import List
 
 from kfp import dsl, kubernetes
@@ -24,9 +32,51 @@ from components.finetune import finetune
 from components.pretrain import pretrain
 from components.report import report
 from components.shard import shard
+from soho_core.launch.pytorchjob import JobSpec
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 GPU = "nvidia.com/gpu"
+# The taint GKE puts on GPU nodes, a common convention elsewhere; tolerating it only permits GPU nodes.
+GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+SHM_TRAIN = JobSpec.shm_size  # the same /dev/shm as each node of the pre-training job
+SHM_EVALUATE = "2Gi"
+
+
+@dataclass(frozen=True)
+class Size:
+    """A pod's CPU and memory: what the scheduler reserves (request) and the most it may use (limit)."""
+
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+
+
+IO_POD = Size("1", "2Gi", "2", "8Gi")  # data and shard: render, decode, pack images; bursts of CPU
+REPORT_POD = Size("500m", "1Gi", "1", "4Gi")  # reads metrics, draws plots
+WATCHER_POD = Size("100m", "256Mi", "500m", "512Mi")  # creates a job and polls it (about 100 MiB)
+
+
+def _size(task: dsl.PipelineTask, size: Size) -> dsl.PipelineTask:
+    return (task.set_cpu_request(size.cpu).set_cpu_limit(size.cpu_limit)
+            .set_memory_request(size.memory).set_memory_limit(size.memory_limit))
+
+
+def _node_size(task: dsl.PipelineTask, cpu, memory, shm: str) -> dsl.PipelineTask:
+    """A training or evaluation pod: a whole node's share, requested and limited alike, and /dev/shm
+    (the default 64 MiB is too small for data loader workers passing image batches)."""
+    # kfp 2.17 declares a parameter used only in resources as an input of a ParallelFor's graph only
+    # when the task registers it; without, the loop lacks it (kfp.local: "parent input not found").
+    task.register_pipeline_channels([cpu, memory])
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    return kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                      size_limit=shm)
+
+
+def _gpus(task: dsl.PipelineTask, gpus, tolerations, node_selector) -> dsl.PipelineTask:
+    task.set_accelerator_type(GPU).set_accelerator_limit(gpus)
+    kubernetes.add_toleration_json(task, tolerations)
+    return kubernetes.add_node_selector_json(task, node_selector)
 
 
 def _store_access(task: dsl.PipelineTask, s3_secret) -> dsl.PipelineTask:
@@ -35,12 +85,16 @@ def _store_access(task: dsl.PipelineTask, s3_secret) -> dsl.PipelineTask:
                                         optional=True)
 
 
-def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool) -> dsl.PipelineTask:
+def _wandb_access(task: dsl.PipelineTask, wandb_secret) -> dsl.PipelineTask:
+    return kubernetes.use_secret_as_env(task, secret_name=wandb_secret,
+                                        secret_key_to_env={"WANDB_API_KEY": "WANDB_API_KEY"}, optional=True)
+
+
+def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool, size: Size = IO_POD) -> dsl.PipelineTask:
     _store_access(task, s3_secret)
     task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
     task.set_caching_options(cache)
-    task.set_cpu_limit("2").set_memory_limit("8Gi")
-    return task
+    return _size(task, size)
 
 
 def build_pipeline(parallelism: int = 0):
@@ -49,7 +103,8 @@ def build_pipeline(parallelism: int = 0):
 
     @dsl.pipeline(name="soho-downstream", description="per task: shard, fine-tune, evaluate; then the report")
     def downstream(dataset: str, pretrain_run: str, store_root: str, run_id: str, preset: str, tasks: List[str],
-                   overrides: List[str], gpus_per_node: int, wandb_project: str, s3_secret: str,
+                   overrides: List[str], gpus_per_node: int, cpu_per_node: str, memory_per_node: str,
+                   gpu_tolerations: list, gpu_node_selector: dict, wandb_project: str, s3_secret: str,
                    wandb_secret: str) -> str:
         # A sub-pipeline so the loop's inputs are this graph's inputs: kfp.local (2.17) replaces an
         # upstream task's output passed straight into a ParallelFor with the loop item.
@@ -61,22 +116,18 @@ def build_pipeline(parallelism: int = 0):
                           store_root=store_root, run_id=run_id, overrides=overrides, procs=gpus_per_node,
                           wandb_project=wandb_project)
             _store_access(ft, s3_secret).set_caching_options(False).set_display_name("finetune")
-            kubernetes.use_secret_as_env(ft, secret_name=wandb_secret,
-                                         secret_key_to_env={"WANDB_API_KEY": "WANDB_API_KEY"}, optional=True)
-            ft.set_accelerator_type(GPU).set_accelerator_limit(gpus_per_node)
-            ft.set_cpu_limit("8").set_memory_limit("32Gi")
-            kubernetes.empty_dir_mount(ft, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+            _wandb_access(ft, wandb_secret)
+            _node_size(ft, cpu_per_node, memory_per_node, SHM_TRAIN)
+            _gpus(ft, gpus_per_node, gpu_tolerations, gpu_node_selector)
 
             ev = evaluate(task=task, checkpoint=ft.output, shards=shard_task.output, overrides=overrides)
             _store_access(ev, s3_secret).set_caching_options(False).set_display_name("evaluate")
             ev.set_retry(num_retries=2, backoff_duration="30s")
-            # Evaluation runs on CPU: a GPU limit set from a pipeline parameter used only in resources
-            # is not resolved inside a ParallelFor by kfp.local 2.17 ("parent input not found").
-            ev.set_cpu_limit("4").set_memory_limit("16Gi")
+            _node_size(ev, cpu_per_node, memory_per_node, SHM_EVALUATE)  # on CPU: no GPU, no GPU tolerations
 
         report_task = report(pretrain_run=pretrain_run, metrics_uris=dsl.Collected(ev.outputs["metrics_uri"]),
                              dataset=dataset, store_root=store_root, run_id=run_id)
-        _io_step(report_task, s3_secret, cache=False).set_display_name("report")
+        _io_step(report_task, s3_secret, cache=False, size=REPORT_POD).set_display_name("report")
         return report_task.outputs["Output"]
 
     @dsl.pipeline(name="soho", description="SOHO vision-language pre-training, fine-tuning on every task, report")
@@ -88,6 +139,10 @@ def build_pipeline(parallelism: int = 0):
         nodes: int = 1,
         procs_per_node: int = 1,
         gpus_per_node: int = 0,
+        cpu_per_node: str = "8",
+        memory_per_node: str = "32Gi",
+        gpu_tolerations: list = [GPU_TOLERATION],
+        gpu_node_selector: dict = {},
         wandb_project: str = "soho",
         overrides: List[str] = [],
         num_images: int = 2000,
@@ -109,7 +164,10 @@ def build_pipeline(parallelism: int = 0):
         in place. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
         ``overrides`` are ``a.b=c`` config settings for every training (e.g. ``train.max_steps=100``);
         ``launcher`` is ``pytorchjob`` (Kubeflow training operator v1) or ``trainjob`` (Kubeflow Trainer v2,
-        on the ClusterTrainingRuntime ``training_runtime``) on a cluster, ``torchrun`` on one machine."""
+        on the ClusterTrainingRuntime ``training_runtime``) on a cluster, ``torchrun`` on one machine.
+        ``cpu_per_node`` and ``memory_per_node`` size every training node and evaluation pod (Kubernetes
+        quantities); ``gpu_tolerations`` (a list of tolerations) and ``gpu_node_selector`` (labels) go
+        to the pods that ask for GPUs."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the run's id: its folder in the store and its wandb group
 
         data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
@@ -119,22 +177,31 @@ def build_pipeline(parallelism: int = 0):
         shard_pretrain = shard(dataset=data_task.output, store_root=store_root, task="pretrain")
         _io_step(shard_pretrain, s3_secret, cache=True).set_display_name("shard pretrain")
 
-        pretrain_task = pretrain(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
-                                 overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
-                                 gpus_per_node=gpus_per_node, namespace=namespace, wandb_project=wandb_project,
-                                 s3_secret=s3_secret, wandb_secret=wandb_secret, image=IMAGE,
-                                 timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
-        # With launcher=pytorchjob or trainjob this pod only creates and watches the job (the GPUs are
-        # the job's); with launcher=torchrun it trains itself.
-        _store_access(pretrain_task, s3_secret).set_caching_options(False).set_display_name("pretrain")
-        pretrain_task.set_cpu_limit("2").set_memory_limit("8Gi")
-        kubernetes.use_secret_as_env(pretrain_task, secret_name=wandb_secret,
-                                     secret_key_to_env={"WANDB_API_KEY": "WANDB_API_KEY"}, optional=True)
+        pretrain_args = dict(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
+                             overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
+                             gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
+                             memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
+                             s3_secret=s3_secret, wandb_secret=wandb_secret, image=IMAGE,
+                             timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
+        # With launcher=torchrun the step's own pod trains: a training node's size, GPUs and /dev/shm.
+        # Otherwise the pod only creates and watches the job (the job's nodes get the size, GPUs,
+        # tolerations and node selector): a small pod.
+        with dsl.If(launcher == "torchrun", name="pretrain-here"):
+            here = pretrain(**pretrain_args)
+            _node_size(here, cpu_per_node, memory_per_node, SHM_TRAIN)
+            _gpus(here, gpus_per_node, gpu_tolerations, gpu_node_selector)
+        with dsl.Else(name="pretrain-job"):
+            job = pretrain(**pretrain_args, tolerations=gpu_tolerations, node_selector=gpu_node_selector)
+            _size(job, WATCHER_POD)
+        for task, name in ((here, "pretrain"), (job, "pretrain (job)")):
+            _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
+            _wandb_access(task, wandb_secret)
 
-        rest = downstream(dataset=data_task.output, pretrain_run=pretrain_task.output, store_root=store_root,
-                          run_id=run_id, preset=preset, tasks=tasks, overrides=overrides, gpus_per_node=gpus_per_node,
-                          wandb_project=wandb_project, s3_secret=s3_secret,
-                          wandb_secret=wandb_secret)
+        rest = downstream(dataset=data_task.output, pretrain_run=dsl.OneOf(here.output, job.output),
+                          store_root=store_root, run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,
+                          gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
+                          gpu_tolerations=gpu_tolerations, gpu_node_selector=gpu_node_selector,
+                          wandb_project=wandb_project, s3_secret=s3_secret, wandb_secret=wandb_secret)
         rest.set_display_name("downstream tasks")
         return rest.output
 

@@ -70,6 +70,18 @@ def test_pytorchjob_validates_against_the_crd(crd_validator):
         assert env["WANDB_RUN_GROUP"] == "run1" and env["SOHO_PIPELINE_RUN_ID"] == "run1"
 
 
+def test_gpu_nodes_get_tolerations_and_a_node_selector(crd_validator):
+    taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    evict = {"key": "spot", "operator": "Equal", "value": "y", "effect": "NoExecute", "tolerationSeconds": 60}
+    body = build_pytorchjob(_spec(tolerations=[taint, evict], node_selector={"gpu": "h100"}))
+    assert not list(crd_validator.iter_errors(body))
+    for replica in body["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["tolerations"] == [taint, evict] and pod["nodeSelector"] == {"gpu": "h100"}
+    pod = build_pytorchjob(_spec())["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "tolerations" not in pod and "nodeSelector" not in pod
+
+
 def test_single_node_cpu_job_has_no_workers_and_no_gpus(crd_validator):
     body = build_pytorchjob(_spec(nodes=1, procs_per_node=2, gpus_per_node=0, cpu_per_node="4"))
     assert not list(crd_validator.iter_errors(body))
@@ -92,6 +104,7 @@ def test_the_schema_check_can_fail(crd_validator):
 @pytest.mark.parametrize("change, word", [
     ({"name": "Soho_Pretrain"}, "name"), ({"nodes": 0}, "nodes"), ({"gpus_per_node": 2}, "procs_per_node"),
     ({"memory_per_node": "lots"}, "memory_per_node"), ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "credential"),
+    ({"tolerations": [{"key": "gpu", "taint": "x"}]}, "toleration"), ({"node_selector": {"gpus": 8}}, "gpus=8"),
 ])
 def test_bad_job_specs_are_named(change, word):
     with pytest.raises(ValueError, match=word):
@@ -280,7 +293,7 @@ def test_pod_log_errors_other_than_not_ready_stop_following_but_not_the_watch():
     assert sum("cannot read the logs" in line for line in lines) == 1 and len(pod.reads) == 1
 
 
-def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator, tmp_path):
+def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator, tmp_path, s3_server):
     """The pretrain step with launcher=pytorchjob: the job it submits validates, trains on the step's
     shards into the run's folder, and carries the run id as the wandb group."""
     from soho_core.pipeline import steps
@@ -303,6 +316,15 @@ def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator,
     assert core.reads and core.reads[0][:2] == ("soho-pretrain-run-42-master-0", "team-a")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["WANDB_RUN_GROUP"] == "run-42" and env["WANDB_PROJECT"] == "proj"
+    # The GPU nodes' scheduling settings reach pods that ask for GPUs, and only those.
+    taint = [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    for gpus in (1, 0):
+        api.jobs.clear()
+        steps.pretrain("tiny", "s3://soho/shards/x", "s3://soho", "run-42", launcher="pytorchjob", gpus_per_node=gpus,
+                       image="img:1", namespace="team-a", tolerations=taint, node_selector={"gpu": "h100"})
+        (body,) = api.jobs.values()
+        pod = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        assert (pod.get("tolerations"), pod.get("nodeSelector")) == ((taint, {"gpu": "h100"}) if gpus else (None, None))
     with pytest.raises(ValueError, match="launcher"):
         steps.pretrain("tiny", "D", str(tmp_path), "r", launcher="slurm")
     with pytest.raises(ValueError, match="nodes=2"):

@@ -56,12 +56,24 @@ def _tasks(spec):
     return found
 
 
+def _executors(spec):
+    """Each container step's display name -> its executor's name (``exec-...``)."""
+    return {task["taskInfo"]["name"]: spec["components"][task["componentRef"]["name"]]["executorLabel"]
+            for tasks in _tasks(spec).values() for task in tasks
+            if "executorLabel" in spec["components"][task["componentRef"]["name"]]}
+
+
 def test_dag_shape_caching_and_retries(compiled):
     _, spec, _ = compiled
     tasks = _tasks(spec)
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"data", "shard", "pretrain", "soho-downstream"}
-    assert root["pretrain"]["inputs"]["parameters"]["shards"]["taskOutputParameter"]["producerTask"] == "shard"
+    assert set(root) == {"data", "shard", "condition-branches-1", "soho-downstream"}
+    # One pre-training step runs: the trainer itself (launcher=torchrun) or the job's watcher.
+    for name in ("pretrain", "pretrain-2"):
+        shards = tasks[name][0]["inputs"]["parameters"]["shards"]["componentInputParameter"]
+        assert shards == "pipelinechannel--shard-Output"
+    assert root["soho-downstream"]["inputs"]["parameters"]["pretrain_run"]["taskOutputParameter"][
+        "producerTask"] == "condition-branches-1"  # dsl.OneOf of the two
     data_inputs = root["data"]["inputs"]["parameters"]
     assert data_inputs["source"]["componentInputParameter"] == "data_source"
     assert data_inputs["tasks"]["componentInputParameter"] == "tasks"  # what "official" downloads
@@ -75,7 +87,7 @@ def test_dag_shape_caching_and_retries(compiled):
     for name in ("data", "shard"):
         assert all(t["cachingOptions"].get("enableCache") for t in tasks[name])
         assert all(t["retryPolicy"]["maxRetryCount"] == 3 for t in tasks[name])
-    for name in ("pretrain", "finetune", "evaluate", "report"):
+    for name in ("pretrain", "pretrain-2", "finetune", "evaluate", "report"):
         assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks[name])
     assert tasks["report"][0]["retryPolicy"]["maxRetryCount"] == 3
     assert "retryPolicy" not in tasks["pretrain"][0] and "retryPolicy" not in tasks["finetune"][0]
@@ -92,15 +104,61 @@ def test_parameters_are_typed(compiled):
 
 def test_secrets_resources_and_shm(compiled):
     _, spec, platform = compiled
-    for name in ("data", "shard", "pretrain", "finetune", "evaluate", "report"):
+    for name in ("data", "shard", "pretrain", "pretrain-2", "finetune", "evaluate", "report"):
         envs = {e["envVar"] for s in platform[f"exec-{name}"]["secretAsEnv"] for e in s["keyToEnv"]}
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs, name
-    for name in ("pretrain", "finetune"):
+    for name in ("pretrain", "pretrain-2", "finetune"):
         assert "WANDB_API_KEY" in {e["envVar"] for s in platform[f"exec-{name}"]["secretAsEnv"] for e in s["keyToEnv"]}
-    ft = platform["exec-finetune"]
-    assert ft["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
     acc = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]["accelerator"]
     assert acc["resourceType"] == "nvidia.com/gpu" and "gpus_per_node" in acc["resourceCount"]
+
+
+def _quantity(value: str) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    unit = next((u for u in units if value.endswith(u)), "")
+    return float(value[:len(value) - len(unit)]) * units.get(unit, 1)
+
+
+def test_every_pod_has_requests_and_limits_sized_per_step(compiled):
+    """Requests and limits on every step; fixed sizes where the step's work is known, the node-size
+    parameters for training and evaluation, a small watcher; GPU pods tolerate and select GPU
+    nodes from pipeline parameters, and every training and evaluation pod has a bounded /dev/shm."""
+    _, spec, platform = compiled
+    executors, by_name = spec["deploymentSpec"]["executors"], _executors(spec)
+    assert set(by_name) == {"data", "shard pretrain", "pretrain", "pretrain (job)", "shard", "finetune", "evaluate",
+                            "report"}
+    node_sized = {"pretrain", "finetune", "evaluate"}  # pretrain: launcher=torchrun trains in its own pod
+    for name, label in by_name.items():
+        res = executors[label]["container"]["resources"]
+        for kind in ("Cpu", "Memory"):
+            request, limit = res[f"resource{kind}Request"], res[f"resource{kind}Limit"]
+            if name in node_sized:
+                param = {"Cpu": "cpu_per_node", "Memory": "memory_per_node"}[kind]
+                assert request == limit == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", name
+            else:
+                assert 0 < _quantity(request) <= _quantity(limit), (name, kind)
+        asks_gpus = "accelerator" in res
+        assert asks_gpus == (name in ("pretrain", "finetune")), name
+        k8s = platform.get(label, {})
+        if asks_gpus:
+            assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter":
+                                                              "pipelinechannel--gpu_tolerations"}}], name
+            assert k8s["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter":
+                                                                "pipelinechannel--gpu_node_selector"}}, name
+        else:
+            assert "tolerations" not in k8s and "nodeSelector" not in k8s, name
+        shm = [m for m in k8s.get("emptyDirMounts", []) if m["mountPath"] == "/dev/shm"]
+        if name in node_sized:
+            assert shm and shm[0]["medium"] == "Memory" and _quantity(shm[0]["sizeLimit"]) >= 2**30, name
+        else:
+            assert not shm, name
+    watcher = executors[by_name["pretrain (job)"]]["container"]["resources"]
+    assert _quantity(watcher["resourceCpuLimit"]) <= 0.5 and _quantity(watcher["resourceMemoryLimit"]) <= 2**29
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_tolerations"]["defaultValue"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                          "effect": "NoSchedule"}]
+    assert params["gpu_node_selector"]["defaultValue"] == {}
+    assert (params["cpu_per_node"]["defaultValue"], params["memory_per_node"]["defaultValue"]) == ("8", "32Gi")
 
 
 def test_parse_params_types_and_names():
@@ -112,6 +170,12 @@ def test_parse_params_types_and_names():
         runner.parse_params(["nodes=two"])
     with pytest.raises(ValueError, match="name=value"):
         runner.parse_params(["nodes"])
+    got = runner.parse_params(['gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}',
+                               'gpu_tolerations=[{"key": "gpu", "operator": "Exists"}]', 'tasks=["vqa"]'])
+    assert got == {"gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+                   "gpu_tolerations": [{"key": "gpu", "operator": "Exists"}], "tasks": ["vqa"]}
+    with pytest.raises(ValueError, match="gpu_node_selector='gpu=h100': expected dict"):
+        runner.parse_params(["gpu_node_selector=gpu=h100"])
 
 
 def test_local_arguments_fail_before_work(tmp_path):

@@ -88,6 +88,16 @@ def test_trainjob_validates_against_the_v2_crd_and_carries_the_jobs_settings(tra
     assert pod["containers"] == [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
 
 
+def test_gpu_nodes_get_tolerations_and_a_node_selector_through_the_runtime_patch(trainjob_validator):
+    taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    body = build_trainjob(_spec(tolerations=[taint], node_selector={"gpu": "h100"}))
+    assert errors(trainjob_validator, body) == []
+    pod = _node_patch(body)["template"]["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [taint] and pod["nodeSelector"] == {"gpu": "h100"}
+    pod = _node_patch(build_trainjob(_spec()))["template"]["spec"]["template"]["spec"]
+    assert "tolerations" not in pod and "nodeSelector" not in pod
+
+
 def test_the_s3_keys_are_the_pipelines():
     from pipelines.soho import S3_KEYS
 
@@ -265,7 +275,7 @@ def test_trainjob_first_node_log_is_found_by_its_labels():
                                  "batch.kubernetes.io/job-completion-index=0")
 
 
-def test_pipeline_pretrain_step_with_the_trainjob_launcher(monkeypatch, trainjob_validator):
+def test_pipeline_pretrain_step_with_the_trainjob_launcher(monkeypatch, trainjob_validator, s3_server):
     from soho_core.pipeline import steps
 
     api = FakeTrainer([COMPLETE])

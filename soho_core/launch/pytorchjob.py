@@ -9,9 +9,9 @@ One Master and ``nodes - 1`` Workers, all from the same pod template: the same i
 ``python -m torch.distributed.run`` (behind ``soho_core.launch.node``, which exits 2 on a usage
 error instead of letting torchrun retry it) with an elastic c10d rendezvous at the Master's
 service (so node ranks are assigned by torchrun, and a restarted pod rejoins), a
-memory-backed ``/dev/shm`` for the data loader workers, resources and GPUs per node,
-and S3 and wandb credentials from Kubernetes Secrets (``envFrom`` / ``secretKeyRef``):
-the object never holds a credential value. Pods are built with the kubernetes client's
+memory-backed ``/dev/shm`` for the data loader workers, resources and GPUs per node (with
+GPUs, tolerations and a node selector), and S3 and wandb credentials from Kubernetes Secrets
+(``envFrom`` / ``secretKeyRef``): the object never holds a credential value. Pods are built with the kubernetes client's
 models and serialised to the plain dict that ``CustomObjectsApi`` takes.
 """
 
@@ -29,6 +29,7 @@ RESTART_POLICY = "ExitCode"
 RDZV_PORT = 23456  # the operator's default master port, exposed by the Master's service
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")  # a toleration as JSON
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class JobSpec:
     (wandb project and group, the pipeline run id); credentials come from the Secrets
     named by ``s3_secret`` (every key becomes a variable: ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) and ``wandb_secret`` (key
-    ``WANDB_API_KEY``, optional: without it wandb runs offline).
+    ``WANDB_API_KEY``, optional: without it wandb runs offline). ``tolerations`` (each a
+    Kubernetes toleration as JSON: ``key``, ``operator``, ``value``, ``effect``,
+    ``tolerationSeconds``) and ``node_selector`` (node labels) place the pods.
     """
 
     name: str
@@ -63,6 +66,8 @@ class JobSpec:
     ttl_after_finished_s: int = 3600
     labels: dict[str, str] = field(default_factory=dict)
     image_pull_policy: str = "IfNotPresent"
+    tolerations: list[dict] = field(default_factory=list)
+    node_selector: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> "JobSpec":
         def need(ok: bool, what: str) -> None:
@@ -82,6 +87,11 @@ class JobSpec:
         for key in ("cpu_per_node", "memory_per_node", "shm_size"):
             need(bool(_QUANTITY.match(str(getattr(self, key)))),
                  f"{key}={getattr(self, key)!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+        for t in self.tolerations:
+            need(isinstance(t, dict) and set(t) <= set(TOLERATION_FIELDS),
+                 f"toleration {t!r} is not a toleration (fields: {', '.join(TOLERATION_FIELDS)})")
+        for key, value in self.node_selector.items():
+            need(isinstance(value, str), f"node_selector {key}={value!r}: a label value is a string")
         for key in self.env:
             need(not _looks_secret(key), f"env {key!r} looks like a credential: put it in a Secret, not in env")
         return self
@@ -123,8 +133,11 @@ def pod_template(spec: JobSpec):
         volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")])
     # The default 64 MiB /dev/shm is too small for data loader workers passing image batches.
     shm = k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size))
-    pod = k8s.V1PodSpec(containers=[container], volumes=[shm],
-                        service_account_name=spec.service_account or None)
+    tolerations = [k8s.V1Toleration(key=t.get("key"), operator=t.get("operator"), value=t.get("value"),
+                                    effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
+                   for t in spec.tolerations]
+    pod = k8s.V1PodSpec(containers=[container], volumes=[shm], service_account_name=spec.service_account or None,
+                        tolerations=tolerations or None, node_selector=dict(spec.node_selector) or None)
     return k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=job_labels(spec)), spec=pod)
 
 

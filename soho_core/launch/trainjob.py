@@ -12,7 +12,7 @@ The job names a runtime (``ClusterTrainingRuntime`` ``torch-distributed`` by def
 own) and fills its ``trainer`` slot: image, command, node count, processes per node, resources
 per node, plain environment. What the ``trainer`` slot cannot hold goes into one
 ``runtimePatches`` entry on the runtime's ``node`` replicated job: the memory-backed ``/dev/shm``
-volume, its mount, and the service account.
+volume, its mount, the service account, tolerations and node selector.
 
 The torch runtime gives every node ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``,
 ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT``; ``torch.distributed.run`` reads its options from
@@ -73,6 +73,10 @@ def build_trainjob(spec: JobSpec, runtime: str = "torch-distributed",
     }
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
+    if spec.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
     labels = job_labels(spec)
     body_spec: dict = {
         "runtimeRef": {"apiGroup": GROUP, "kind": runtime_kind, "name": runtime},

@@ -15,6 +15,7 @@ PyTorchJob. Its sizes come from :data:`LOCAL_DEFAULTS` for the preset.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -56,7 +57,7 @@ def pipeline_parameters() -> dict[str, Any]:
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
     """``name=value`` pairs into pipeline arguments, typed by each parameter's default (a list is
-    comma-separated); an unknown name lists the valid ones."""
+    comma-separated or JSON, a dict JSON); an unknown name lists the valid ones."""
     defaults = pipeline_parameters()
     out: dict[str, Any] = {}
     for item in items:
@@ -72,6 +73,10 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
                 value: Any = raw.lower() in ("1", "true", "yes")
             elif isinstance(default, int):
                 value = int(raw)
+            elif isinstance(default, dict) or (isinstance(default, list) and raw.lstrip().startswith("[")):
+                value = json.loads(raw)  # e.g. gpu_node_selector={"gpu": "h100"}
+                if type(value) is not type(default):
+                    raise ValueError(raw)
             elif isinstance(default, list):
                 value = [v.strip() for v in raw.split(",") if v.strip()]
             else:

@@ -28,7 +28,6 @@ import json
 from typing import Any, Callable, Sequence, TypeVar
 
 from soho_core import storage
-from soho_core.data.shards import TASKS
 
 LAUNCHERS = ("torchrun", "pytorchjob", "trainjob")
 SOURCES = ("synthetic", "official")
@@ -124,6 +123,8 @@ def shard_task(dataset: str, store_root: str, task: str, shard_max_count: int = 
     """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``,
     from the synthetic world or, for the official layout, with the task's readers (pre-training:
     COCO and VG); returns the shard root (the folder holding every task's folder)."""
+    from soho_core.data.shards import TASKS  # torch: kept out of the steps that only watch a job
+
     _check_task(task, TASKS)
     _check_store([dataset], [store_root])
     root = storage.join(store_root, "shards", dataset.rstrip("/").rsplit("/", 1)[-1])
@@ -172,10 +173,12 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              launcher: str = "torchrun", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
              image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
              cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = "soho-s3",
-             wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed") -> str:
+             wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed",
+             tolerations: Sequence[dict[str, Any]] = (), node_selector: dict[str, str] | None = None) -> str:
     """The pre-training step: the same ``soho pretrain`` command, under torchrun here, or on the
     cluster as a PyTorchJob (training operator v1) or a TrainJob on the ClusterTrainingRuntime
-    ``training_runtime`` (Kubeflow Trainer v2) of ``nodes`` x ``procs_per_node``. Returns the run's URI."""
+    ``training_runtime`` (Kubeflow Trainer v2) of ``nodes`` x ``procs_per_node``. Returns the run's URI.
+    ``tolerations`` and ``node_selector`` reach the job's pods only when they ask for GPUs."""
     from soho_core.config import load_config
     from soho_core.launch import soho_args
 
@@ -201,7 +204,9 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
                        image=image, soho_args=args, nodes=nodes, procs_per_node=procs_per_node,
                        gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
                        s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
-                       labels={"soho/pipeline-run": job_name("r", run_id)[2:]})
+                       labels={"soho/pipeline-run": job_name("r", run_id)[2:]},
+                       tolerations=list(tolerations) if gpus_per_node else [],
+                       node_selector=dict(node_selector or {}) if gpus_per_node else {})
         body = build_pytorchjob(spec) if launcher == "pytorchjob" else build_trainjob(spec, training_runtime)
         run_job(kubernetes_api(), body, timeout_s=timeout_s, core_api=kubernetes_core_api())
     else:
