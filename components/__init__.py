@@ -2,7 +2,8 @@
 docstring; the work is done by :mod:`soho_core.pipeline.steps` and :mod:`soho_core.report`.
 
 Every component runs the one image below, tagged with the package version, so a
-compiled pipeline always names the image built from the same code.
+compiled pipeline names the image built from the same code unless it is compiled with
+another (``soho pipeline compile --image``, by tag or by digest).
 """
 
 import soho_core

@@ -18,6 +18,10 @@ a pod that only watches a training job by a small size, and every training or ev
 and limited alike so that a training pod is never the first evicted. Pods that ask for GPUs also
 get ``gpu_tolerations`` and ``gpu_node_selector``; training and evaluation pods get a
 memory-backed ``/dev/shm`` of a bounded size for the data loader workers.
+
+Every pod, the training jobs' included, runs one image, chosen when the pipeline is compiled
+(:func:`build_pipeline`: by tag or by digest, with a pull policy and an optional pull Secret
+named, never its contents).
 """
 
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ from components.finetune import finetune
 from components.pretrain import pretrain
 from components.report import report
 from components.shard import shard
-from soho_core.launch.pytorchjob import JobSpec
+from soho_core.launch.pytorchjob import JobSpec, check_image
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 GPU = "nvidia.com/gpu"
@@ -79,6 +83,12 @@ def _gpus(task: dsl.PipelineTask, gpus, tolerations, node_selector) -> dsl.Pipel
     return kubernetes.add_node_selector_json(task, node_selector)
 
 
+def _image(task: dsl.PipelineTask, image: str, pull_policy: str, pull_secret: str) -> dsl.PipelineTask:
+    task.set_container_image(image)
+    kubernetes.set_image_pull_policy(task, pull_policy)
+    return kubernetes.set_image_pull_secrets(task, [pull_secret]) if pull_secret else task
+
+
 def _store_access(task: dsl.PipelineTask, s3_secret) -> dsl.PipelineTask:
     # Optional: a store on a mounted volume or a local run needs no S3 keys.
     return kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_KEYS},
@@ -97,9 +107,14 @@ def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool, size: Size = IO_POD
     return _size(task, size)
 
 
-def build_pipeline(parallelism: int = 0):
+def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: str = "IfNotPresent",
+                   image_pull_secret: str = ""):
     """The pipeline, with at most ``parallelism`` downstream tasks at a time (0: all at once, as on
-    a cluster; a local run on a few cores takes 1). Everything else is the same DAG."""
+    a cluster; a local run on a few cores takes 1). Everything else is the same DAG. Every pod runs
+    ``image`` (``registry/name:tag`` or ``registry/name@sha256:<digest>``), pulled with
+    ``image_pull_policy`` and, when named, the Secret ``image_pull_secret``."""
+    check_image(image, image_pull_policy, image_pull_secret)
+    pulled = (image, image_pull_policy, image_pull_secret)
 
     @dsl.pipeline(name="soho-downstream", description="per task: shard, fine-tune, evaluate; then the report")
     def downstream(dataset: str, pretrain_run: str, store_root: str, run_id: str, preset: str, tasks: List[str],
@@ -111,23 +126,27 @@ def build_pipeline(parallelism: int = 0):
         with dsl.ParallelFor(tasks, parallelism=parallelism, name="tasks") as task:
             shard_task = shard(dataset=dataset, store_root=store_root, task=task)
             _io_step(shard_task, s3_secret, cache=True).set_display_name("shard")
+            _image(shard_task, *pulled)
 
             ft = finetune(task=task, preset=preset, shards=shard_task.output, init=pretrain_run,
                           store_root=store_root, run_id=run_id, overrides=overrides, procs=gpus_per_node,
                           wandb_project=wandb_project)
             _store_access(ft, s3_secret).set_caching_options(False).set_display_name("finetune")
+            _image(ft, *pulled)
             _wandb_access(ft, wandb_secret)
             _node_size(ft, cpu_per_node, memory_per_node, SHM_TRAIN)
             _gpus(ft, gpus_per_node, gpu_tolerations, gpu_node_selector)
 
             ev = evaluate(task=task, checkpoint=ft.output, shards=shard_task.output, overrides=overrides)
             _store_access(ev, s3_secret).set_caching_options(False).set_display_name("evaluate")
+            _image(ev, *pulled)
             ev.set_retry(num_retries=2, backoff_duration="30s")
             _node_size(ev, cpu_per_node, memory_per_node, SHM_EVALUATE)  # on CPU: no GPU, no GPU tolerations
 
         report_task = report(pretrain_run=pretrain_run, metrics_uris=dsl.Collected(ev.outputs["metrics_uri"]),
                              dataset=dataset, store_root=store_root, run_id=run_id)
         _io_step(report_task, s3_secret, cache=False, size=REPORT_POD).set_display_name("report")
+        _image(report_task, *pulled)
         return report_task.outputs["Output"]
 
     @dsl.pipeline(name="soho", description="SOHO vision-language pre-training, fine-tuning on every task, report")
@@ -173,15 +192,18 @@ def build_pipeline(parallelism: int = 0):
         data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
                          image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks)
         _io_step(data_task, s3_secret, cache=True).set_display_name("data")
+        _image(data_task, *pulled)
 
         shard_pretrain = shard(dataset=data_task.output, store_root=store_root, task="pretrain")
         _io_step(shard_pretrain, s3_secret, cache=True).set_display_name("shard pretrain")
+        _image(shard_pretrain, *pulled)
 
         pretrain_args = dict(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
                              overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
                              gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
                              memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
-                             s3_secret=s3_secret, wandb_secret=wandb_secret, image=IMAGE,
+                             s3_secret=s3_secret, wandb_secret=wandb_secret, image=image,
+                             image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
                              timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
         # With launcher=torchrun the step's own pod trains: a training node's size, GPUs and /dev/shm.
         # Otherwise the pod only creates and watches the job (the job's nodes get the size, GPUs,
@@ -196,6 +218,7 @@ def build_pipeline(parallelism: int = 0):
         for task, name in ((here, "pretrain"), (job, "pretrain (job)")):
             _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
             _wandb_access(task, wandb_secret)
+            _image(task, *pulled)
 
         rest = downstream(dataset=data_task.output, pretrain_run=dsl.OneOf(here.output, job.output),
                           store_root=store_root, run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,

@@ -112,6 +112,7 @@ def _add_pipeline_args(sub) -> None:
         dest="pipeline_command", required=True)
     c = pl.add_parser("compile", help="write the pipeline YAML to upload in the Kubeflow UI")
     c.add_argument("--out", default="pipeline.yaml")
+    _add_image_args(c)
     r = pl.add_parser("run", help="run the whole DAG on this machine (kfp.local, synthetic data, torchrun)")
     r.add_argument("--local", action="store_true", required=True, help="run here (the only mode; use submit for a cluster)")
     r.add_argument("--preset", default="demo", help=f"config preset ({', '.join(PRESETS)})")
@@ -132,6 +133,16 @@ def _add_pipeline_args(sub) -> None:
     s.add_argument("--service-account", default="",
                    help="Kubernetes service account the run's pods use (default: the installation's runner)")
     s.add_argument("--package", help="a compiled pipeline YAML to submit instead of compiling now")
+    _add_image_args(s)
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default="", metavar="REF",
+                   help="the image every pod runs, by tag or by digest (registry/name@sha256:...); "
+                        "default: ghcr.io/soho-kubeflow/soho:<package version>")
+    p.add_argument("--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"))
+    p.add_argument("--image-pull-secret", default="", metavar="NAME",
+                   help="the Secret (kubernetes.io/dockerconfigjson) every pod pulls the image with")
 
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -274,7 +285,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from soho_core.pipeline import runner
 
     if args.pipeline_command == "compile":
-        print(json.dumps({"out": runner.compile_pipeline(args.out)}))
+        image = runner.PodImage(args.image, args.image_pull_policy, args.image_pull_secret)
+        print(json.dumps({"out": runner.compile_pipeline(args.out, image)}))
         return 0
     if args.pipeline_command == "run":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -286,7 +298,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if args.pipeline_command == "submit":
         run_id = runner.submit(args.host, runner.parse_params(args.param), experiment=args.experiment,
                                run_name=args.run_name, namespace=args.namespace, package=args.package,
-                               service_account=args.service_account)
+                               service_account=args.service_account,
+                               image=runner.PodImage(args.image, args.image_pull_policy, args.image_pull_secret))
         print(json.dumps({"host": args.host, "run_id": run_id}))
         return 0
     raise AssertionError(args)

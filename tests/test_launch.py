@@ -82,6 +82,18 @@ def test_gpu_nodes_get_tolerations_and_a_node_selector(crd_validator):
     assert "tolerations" not in pod and "nodeSelector" not in pod
 
 
+def test_the_image_by_digest_with_its_pull_policy_and_secret(crd_validator):
+    image = "ghcr.io/soho-kubeflow/soho@sha256:" + "ab" * 32
+    body = build_pytorchjob(_spec(image=image, image_pull_policy="Always", image_pull_secret="regcred"))
+    assert not list(crd_validator.iter_errors(body))
+    for replica in body["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert (pod["containers"][0]["image"], pod["containers"][0]["imagePullPolicy"]) == (image, "Always")
+    assert "imagePullSecrets" not in build_pytorchjob(_spec())["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"]
+
+
 def test_single_node_cpu_job_has_no_workers_and_no_gpus(crd_validator):
     body = build_pytorchjob(_spec(nodes=1, procs_per_node=2, gpus_per_node=0, cpu_per_node="4"))
     assert not list(crd_validator.iter_errors(body))
@@ -105,6 +117,8 @@ def test_the_schema_check_can_fail(crd_validator):
     ({"name": "Soho_Pretrain"}, "name"), ({"nodes": 0}, "nodes"), ({"gpus_per_node": 2}, "procs_per_node"),
     ({"memory_per_node": "lots"}, "memory_per_node"), ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "credential"),
     ({"tolerations": [{"key": "gpu", "taint": "x"}]}, "toleration"), ({"node_selector": {"gpus": 8}}, "gpus=8"),
+    ({"image": "ghcr.io/soho-kubeflow/soho"}, "neither a tag nor a digest"), ({"image_pull_policy": "Sometimes"}, "pull"),
+    ({"image_pull_secret": "Reg_Cred"}, "pull secret"),
 ])
 def test_bad_job_specs_are_named(change, word):
     with pytest.raises(ValueError, match=word):
@@ -325,6 +339,13 @@ def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator,
         (body,) = api.jobs.values()
         pod = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         assert (pod.get("tolerations"), pod.get("nodeSelector")) == ((taint, {"gpu": "h100"}) if gpus else (None, None))
+    # The image's pull policy and Secret reach the job's pods.
+    api.jobs.clear()
+    steps.pretrain("tiny", "s3://soho/shards/x", "s3://soho", "run-42", launcher="pytorchjob", image="img:1",
+                   namespace="team-a", image_pull_policy="Always", image_pull_secret="regcred")
+    (body,) = api.jobs.values()
+    pod = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["containers"][0]["imagePullPolicy"] == "Always" and pod["imagePullSecrets"] == [{"name": "regcred"}]
     with pytest.raises(ValueError, match="launcher"):
         steps.pretrain("tiny", "D", str(tmp_path), "r", launcher="slurm")
     with pytest.raises(ValueError, match="nodes=2"):

@@ -39,12 +39,50 @@ def test_compiled_yaml_holds_no_credential(compiled):
         assert value not in text, f"the value of {name} leaked into the compiled pipeline"
 
 
+def _pulled(spec, platform) -> set:
+    """(image, pull policy, pull Secrets) of every step, and what the pre-training steps hand their job."""
+    found = set()
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        k8s = platform.get(label, {})
+        found.add((executor["container"]["image"], k8s.get("imagePullPolicy"),
+                   tuple(s["secretName"] for s in k8s.get("imagePullSecret", []))))
+    tasks = _tasks(spec)
+    for task in tasks["pretrain"] + tasks["pretrain-2"]:
+        given = {k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items()
+                 if k.startswith("image")}
+        found.add((given["image"], given["image_pull_policy"], (given["image_pull_secret"],)))
+    return found
+
+
 def test_every_step_runs_the_versioned_image(compiled):
-    _, spec, _ = compiled
+    _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
     names = {k.removeprefix("exec-") for k in executors}
     assert {"data", "shard", "pretrain", "finetune", "evaluate", "report"} <= names
-    assert {e["container"]["image"] for e in executors.values()} == {f"ghcr.io/soho-kubeflow/soho:{__version__}"}
+    image = f"ghcr.io/soho-kubeflow/soho:{__version__}"
+    assert _pulled(spec, platform) == {(image, "IfNotPresent", ()), (image, "IfNotPresent", ("",))}
+
+
+def test_a_digest_is_accepted_as_the_image_with_a_pull_policy_and_secret(tmp_path, capsys):
+    """One setting names the image by digest; it, the pull policy and the pull Secret's name reach
+    every step and the job the pre-training step creates. A reference without a tag or digest, or
+    with a malformed digest, is refused."""
+    from soho_core.cli import main
+
+    image = "registry.example.com:5000/ml/soho@sha256:" + "0123456789abcdef" * 4
+    out = tmp_path / "pipeline.yaml"
+    assert main(["pipeline", "compile", "--out", str(out), "--image", image, "--image-pull-policy", "Always",
+                 "--image-pull-secret", "regcred"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    assert _pulled(spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {
+        (image, "Always", ("regcred",))}
+    for bad, why in (("ghcr.io/ml/soho", "neither a tag nor a digest"), ("ghcr.io/ml/soho@sha256:0123", "not an image"),
+                     ("ghcr.io/ml/soho:1", "not a Secret's name")):
+        assert main(["pipeline", "compile", "--out", str(out), "--image", bad, "--image-pull-secret", "Reg_Cred"]) == 2
+        assert why in capsys.readouterr().err
+    with pytest.raises(ValueError, match="when the pipeline is compiled"):
+        runner.submit("https://kfp.example.com", {}, package=str(out), client=FakeKfpClient(),
+                      image=runner.PodImage(image))
 
 
 def _tasks(spec):

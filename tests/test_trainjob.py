@@ -98,6 +98,25 @@ def test_gpu_nodes_get_tolerations_and_a_node_selector_through_the_runtime_patch
     assert "tolerations" not in pod and "nodeSelector" not in pod
 
 
+def test_the_pull_secret_rides_on_the_runtime_patch_and_the_crd_has_no_pull_policy(trainjob_validator):
+    """Trainer v2.3.0's TrainJob has nowhere to put an image pull policy (neither the trainer slot nor
+    a runtime patch's container): the runtime decides it. The pull Secret goes on the node pods."""
+    image = "ghcr.io/soho-kubeflow/soho@sha256:" + "ab" * 32
+    body = build_trainjob(_spec(image=image, image_pull_policy="Always", image_pull_secret="regcred"))
+    assert errors(trainjob_validator, body) == []
+    assert body["spec"]["trainer"]["image"] == image
+    assert _node_patch(body)["template"]["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullPolicy" not in str(body)
+    crd = yaml.safe_load((SCHEMAS / "v2.3.0.trainer.kubeflow.org_trainjobs.yaml").read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == VERSION)["schema"]["openAPIV3Schema"]
+    trainer = schema["properties"]["spec"]["properties"]["trainer"]["properties"]
+    pod = (schema["properties"]["spec"]["properties"]["runtimePatches"]["items"]["properties"]["trainingRuntimeSpec"]
+           ["properties"]["template"]["properties"]["spec"]["properties"]["replicatedJobs"]["items"]["properties"]
+           ["template"]["properties"]["spec"]["properties"]["template"]["properties"]["spec"]["properties"])
+    assert "image" in trainer and "imagePullPolicy" not in trainer
+    assert "imagePullSecrets" in pod and "imagePullPolicy" not in pod["containers"]["items"]["properties"]
+
+
 def test_the_s3_keys_are_the_pipelines():
     from pipelines.soho import S3_KEYS
 

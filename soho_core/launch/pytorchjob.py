@@ -5,7 +5,8 @@ on N nodes x M processes.
     body = build_pytorchjob(JobSpec(name="soho-pretrain-1a2b", namespace="kubeflow-user",
                                     image=IMAGE, soho_args=[...], nodes=2, procs_per_node=8, gpus_per_node=8))
 
-One Master and ``nodes - 1`` Workers, all from the same pod template: the same image,
+One Master and ``nodes - 1`` Workers, all from the same pod template: the same image (by tag
+or by digest, with its pull policy and optional pull Secret),
 ``python -m torch.distributed.run`` (behind ``soho_core.launch.node``, which exits 2 on a usage
 error instead of letting torchrun retry it) with an elastic c10d rendezvous at the Master's
 service (so node ranks are assigned by torchrun, and a restarted pod rejoins), a
@@ -30,6 +31,11 @@ RDZV_PORT = 23456  # the operator's default master port, exposed by the Master's
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")  # a toleration as JSON
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+# [registry[:port]/]path, then a tag, a digest or both: a name alone would mean whatever :latest is.
+_IMAGE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
+                    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,8 @@ class JobSpec:
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) and ``wandb_secret`` (key
     ``WANDB_API_KEY``, optional: without it wandb runs offline). ``tolerations`` (each a
     Kubernetes toleration as JSON: ``key``, ``operator``, ``value``, ``effect``,
-    ``tolerationSeconds``) and ``node_selector`` (node labels) place the pods.
+    ``tolerationSeconds``) and ``node_selector`` (node labels) place the pods. The nodes pull
+    ``image`` with ``image_pull_policy`` and, when set, the Secret named ``image_pull_secret``.
     """
 
     name: str
@@ -66,6 +73,7 @@ class JobSpec:
     ttl_after_finished_s: int = 3600
     labels: dict[str, str] = field(default_factory=dict)
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secret: str = ""
     tolerations: list[dict] = field(default_factory=list)
     node_selector: dict[str, str] = field(default_factory=dict)
 
@@ -78,6 +86,7 @@ class JobSpec:
              f"name {self.name!r} is not a DNS label (lower-case letters, digits, '-', at most 63)")
         need(bool(_DNS_LABEL.match(self.namespace)), f"namespace {self.namespace!r} is not a DNS label")
         need(bool(self.image), "image is empty")
+        check_image(self.image, self.image_pull_policy, self.image_pull_secret)
         need(bool(self.soho_args), "soho_args is empty")
         need(self.nodes >= 1, f"nodes={self.nodes} must be >= 1")
         need(self.procs_per_node >= 1, f"procs_per_node={self.procs_per_node} must be >= 1")
@@ -95,6 +104,23 @@ class JobSpec:
         for key in self.env:
             need(not _looks_secret(key), f"env {key!r} looks like a credential: put it in a Secret, not in env")
         return self
+
+
+def check_image(image: str, pull_policy: str = "IfNotPresent", pull_secret: str = "") -> None:
+    """Raise a ValueError naming what is wrong unless ``image`` is a reference with a tag or a digest
+    (``registry/name:tag``, ``registry/name@sha256:<64 hex digits>``), ``pull_policy`` one of
+    :data:`PULL_POLICIES` and ``pull_secret`` empty or a Secret's name."""
+    match = _IMAGE.match(image)
+    if not match:
+        raise ValueError(f"image {image!r} is not an image reference (registry/name:tag or "
+                         f"registry/name@sha256:<64 hex digits>)")
+    if not (match["tag"] or match["digest"]):
+        raise ValueError(f"image {image!r} names neither a tag nor a digest (nodes would pull whatever :latest is)")
+    if pull_policy not in PULL_POLICIES:
+        raise ValueError(f"image pull policy {pull_policy!r} is not one of {', '.join(PULL_POLICIES)}")
+    if pull_secret and not (len(pull_secret) <= 253 and _DNS_SUBDOMAIN.match(pull_secret)):
+        raise ValueError(f"image pull secret {pull_secret!r} is not a Secret's name "
+                         f"(lower-case letters, digits, '-', '.')")
 
 
 def _looks_secret(name: str) -> bool:
@@ -136,8 +162,10 @@ def pod_template(spec: JobSpec):
     tolerations = [k8s.V1Toleration(key=t.get("key"), operator=t.get("operator"), value=t.get("value"),
                                     effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
                    for t in spec.tolerations]
+    pull_secrets = [k8s.V1LocalObjectReference(name=spec.image_pull_secret)] if spec.image_pull_secret else None
     pod = k8s.V1PodSpec(containers=[container], volumes=[shm], service_account_name=spec.service_account or None,
-                        tolerations=tolerations or None, node_selector=dict(spec.node_selector) or None)
+                        tolerations=tolerations or None, node_selector=dict(spec.node_selector) or None,
+                        image_pull_secrets=pull_secrets)
     return k8s.V1PodTemplateSpec(metadata=k8s.V1ObjectMeta(labels=job_labels(spec)), spec=pod)
 
 

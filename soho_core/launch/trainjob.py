@@ -12,7 +12,7 @@ The job names a runtime (``ClusterTrainingRuntime`` ``torch-distributed`` by def
 own) and fills its ``trainer`` slot: image, command, node count, processes per node, resources
 per node, plain environment. What the ``trainer`` slot cannot hold goes into one
 ``runtimePatches`` entry on the runtime's ``node`` replicated job: the memory-backed ``/dev/shm``
-volume, its mount, the service account, tolerations and node selector.
+volume, its mount, the service account, tolerations, node selector and image pull Secret.
 
 The torch runtime gives every node ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``,
 ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT``; ``torch.distributed.run`` reads its options from
@@ -22,8 +22,12 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
 - S3 credentials come key by key (``secretKeyRef``, each optional) rather than ``envFrom`` the
   whole Secret: the ``trainer`` slot and the container patch take ``env`` only. The keys are
   :data:`S3_SECRET_KEYS`.
-- No image pull policy (``JobSpec.image_pull_policy``): neither the ``trainer`` slot nor the
-  container patch has the field; the runtime's container sets it.
+- No image pull policy (``JobSpec.image_pull_policy``): Trainer v2.3.0's TrainJob CRD has no
+  field for it. Its ``trainer`` slot holds ``image``, ``command``, ``args``, ``env``, ``numNodes``,
+  ``numProcPerNode`` and ``resourcesPerNode``; a runtime patch's container holds ``name``,
+  ``env``, ``volumeMounts`` and ``securityContext``. The runtime's own container sets the policy
+  (Kubernetes' default when it sets none: ``IfNotPresent``, ``Always`` for ``:latest``). The pull
+  Secret does pass: the pod patch has ``imagePullSecrets``.
 - No ``backoffLimit`` or ``ttlSecondsAfterFinished`` per job: the runtime's JobSet sets its
   failure policy, and a finished TrainJob stays until deleted.
 - Restarts are torchrun's only (``--max-restarts``); which pod failures the runtime's JobSet
@@ -73,6 +77,8 @@ def build_trainjob(spec: JobSpec, runtime: str = "torch-distributed",
     }
     if spec.service_account:
         pod["serviceAccountName"] = spec.service_account
+    if spec.image_pull_secret:
+        pod["imagePullSecrets"] = [{"name": spec.image_pull_secret}]
     if spec.tolerations:
         pod["tolerations"] = [dict(t) for t in spec.tolerations]
     if spec.node_selector:

@@ -1,6 +1,6 @@
 """Compile, run locally, and submit the pipeline (``soho pipeline compile|run|submit``).
 
-    soho pipeline compile --out pipeline.yaml
+    soho pipeline compile --out pipeline.yaml [--image REF] [--image-pull-policy P] [--image-pull-secret NAME]
     soho pipeline run --local --preset demo --work-dir demo-out [--set train.max_steps=100]
     soho pipeline submit --host https://kubeflow.example.com/pipeline --param store_root=s3://soho
 
@@ -37,13 +37,24 @@ LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _pipeline_func(parallelism: int = 0):
+@dataclass(frozen=True)
+class PodImage:
+    """The image every pod of a compiled pipeline runs: ``ref`` by tag or by digest (empty: the
+    package version's, ``components.IMAGE``), how nodes pull it, and the name of a pull Secret."""
+
+    ref: str = ""
+    pull_policy: str = "IfNotPresent"
+    pull_secret: str = ""
+
+
+def _pipeline_func(parallelism: int = 0, image: PodImage = PodImage()):
     try:
         from pipelines.soho import build_pipeline
     except ImportError as err:
         raise ImportError(f"the pipeline needs the `pipeline` extra and the packaged pipelines/ and components/ "
                           f"(pip install 'soho-kubeflow[pipeline]'): {err}") from err
-    return build_pipeline(parallelism)
+    ref = {"image": image.ref} if image.ref else {}
+    return build_pipeline(parallelism, image_pull_policy=image.pull_policy, image_pull_secret=image.pull_secret, **ref)
 
 
 def pipeline_parameters() -> dict[str, Any]:
@@ -87,12 +98,12 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def compile_pipeline(out: str) -> str:
-    """Write the pipeline YAML users upload in the Kubeflow UI; returns its path."""
+def compile_pipeline(out: str, image: PodImage = PodImage()) -> str:
+    """Write the pipeline YAML users upload in the Kubeflow UI, its pods running ``image``; returns its path."""
     from kfp import compiler
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    compiler.Compiler().compile(_pipeline_func(), out)
+    compiler.Compiler().compile(_pipeline_func(image=image), out)
     return out
 
 
@@ -156,9 +167,9 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
 
 def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "soho", run_name: str = "",
            namespace: str | None = None, package: str | None = None, client=None,
-           service_account: str | None = None) -> str:
-    """Submit a run through ``kfp.Client`` (the pipeline compiled on the fly, or ``package``);
-    returns the run id. Credentials for the KFP API come from kfp's own configuration.
+           service_account: str | None = None, image: PodImage = PodImage()) -> str:
+    """Submit a run through ``kfp.Client`` (the pipeline compiled on the fly with ``image``, or
+    ``package``); returns the run id. Credentials for the KFP API come from kfp's own configuration.
 
     ``namespace`` is the Kubeflow profile namespace the run goes to (multi-user installs);
     ``service_account`` the Kubernetes account its pods run as (else the installation's
@@ -167,6 +178,8 @@ def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "s
 
     if not host.startswith(("http://", "https://")):
         raise ValueError(f"--host {host!r} is not an http(s) URL of the Kubeflow Pipelines API")
+    if package and image != PodImage():
+        raise ValueError(f"the image settings apply when the pipeline is compiled, not to the compiled {package}")
     client = client or kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     arguments = dict(params or {})
     name = run_name or f"soho-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -175,7 +188,7 @@ def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "s
     if package:
         run = client.create_run_from_pipeline_package(package, **common)
     else:
-        run = client.create_run_from_pipeline_func(_pipeline_func(), **common)
+        run = client.create_run_from_pipeline_func(_pipeline_func(image=image), **common)
     return run.run_id
 
 

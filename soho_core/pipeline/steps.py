@@ -174,11 +174,14 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
              cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = "soho-s3",
              wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed",
-             tolerations: Sequence[dict[str, Any]] = (), node_selector: dict[str, str] | None = None) -> str:
+             tolerations: Sequence[dict[str, Any]] = (), node_selector: dict[str, str] | None = None,
+             image_pull_policy: str = "IfNotPresent", image_pull_secret: str = "") -> str:
     """The pre-training step: the same ``soho pretrain`` command, under torchrun here, or on the
     cluster as a PyTorchJob (training operator v1) or a TrainJob on the ClusterTrainingRuntime
     ``training_runtime`` (Kubeflow Trainer v2) of ``nodes`` x ``procs_per_node``. Returns the run's URI.
-    ``tolerations`` and ``node_selector`` reach the job's pods only when they ask for GPUs."""
+    ``tolerations`` and ``node_selector`` reach the job's pods only when they ask for GPUs; the pods
+    pull ``image`` with ``image_pull_policy`` (not a TrainJob's: its runtime sets it) and the Secret
+    ``image_pull_secret``."""
     from soho_core.config import load_config
     from soho_core.launch import soho_args
 
@@ -206,7 +209,8 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
                        s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
                        labels={"soho/pipeline-run": job_name("r", run_id)[2:]},
                        tolerations=list(tolerations) if gpus_per_node else [],
-                       node_selector=dict(node_selector or {}) if gpus_per_node else {})
+                       node_selector=dict(node_selector or {}) if gpus_per_node else {},
+                       image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret)
         body = build_pytorchjob(spec) if launcher == "pytorchjob" else build_trainjob(spec, training_runtime)
         run_job(kubernetes_api(), body, timeout_s=timeout_s, core_api=kubernetes_core_api())
     else:
