@@ -10,7 +10,16 @@ cluster run sets ``store_root`` to an ``s3://`` URI, a bigger ``preset``, ``node
 store gets the S3 Secret (``s3_secret``: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL``) as environment variables, training steps also the wandb Secret
 (``WANDB_API_KEY``). Data preparation is cached (its outputs depend only on its
-inputs); training, evaluation and the report are not. The I/O steps retry.
+inputs); training, evaluation and the report are not.
+
+Every step retries (I/O steps 3 times, training and evaluation twice, with growing back-off), and
+a retry is safe: data and shards already complete are kept, a retried training resumes from the
+latest checkpoint in its run folder, and a retried pre-training watcher follows the job it
+created. An exit handler (``finish``) runs once everything else has ended, however it ended:
+unless the run succeeded it deletes a pre-training job still running (its watcher may have died
+without deleting it), then it writes the final state to ``runs/<run id>/status.json``. (Whether
+a backend runs exit handlers when a run is cancelled is its own affair; the cancelled watcher
+deletes its job itself, on the SIGTERM.)
 
 Every pod requests what it needs and is limited: I/O steps and the report by the sizes below,
 a pod that only watches a training job by a small size, and every training or evaluation pod
@@ -33,6 +42,7 @@ from components import IMAGE
 from components.data import data
 from components.evaluate import evaluate
 from components.finetune import finetune
+from components.finish import finish
 from components.pretrain import pretrain
 from components.report import report
 from components.shard import shard
@@ -100,19 +110,24 @@ def _wandb_access(task: dsl.PipelineTask, wandb_secret) -> dsl.PipelineTask:
                                         secret_key_to_env={"WANDB_API_KEY": "WANDB_API_KEY"}, optional=True)
 
 
-def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool, size: Size = IO_POD) -> dsl.PipelineTask:
+def _retry(task: dsl.PipelineTask, times: int, backoff: str) -> dsl.PipelineTask:
+    return task.set_retry(num_retries=times, backoff_duration=backoff, backoff_factor=2.0)
+
+
+def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool, backoff: str, size: Size = IO_POD) -> dsl.PipelineTask:
     _store_access(task, s3_secret)
-    task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-    task.set_caching_options(cache)
+    _retry(task, 3, backoff).set_caching_options(cache)
     return _size(task, size)
 
 
 def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: str = "IfNotPresent",
-                   image_pull_secret: str = ""):
+                   image_pull_secret: str = "", retry_backoff: str = "30s"):
     """The pipeline, with at most ``parallelism`` downstream tasks at a time (0: all at once, as on
     a cluster; a local run on a few cores takes 1). Everything else is the same DAG. Every pod runs
     ``image`` (``registry/name:tag`` or ``registry/name@sha256:<digest>``), pulled with
-    ``image_pull_policy`` and, when named, the Secret ``image_pull_secret``."""
+    ``image_pull_policy`` and, when named, the Secret ``image_pull_secret``. A failed step is
+    retried after ``retry_backoff``, doubled at each further try (a local run has no node to wait
+    for: ``"0s"``)."""
     check_image(image, image_pull_policy, image_pull_secret)
     pulled = (image, image_pull_policy, image_pull_secret)
 
@@ -120,18 +135,19 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
     def downstream(dataset: str, pretrain_run: str, store_root: str, run_id: str, preset: str, tasks: List[str],
                    overrides: List[str], gpus_per_node: int, cpu_per_node: str, memory_per_node: str,
                    gpu_tolerations: list, gpu_node_selector: dict, wandb_project: str, s3_secret: str,
-                   wandb_secret: str) -> str:
+                   wandb_secret: str):
         # A sub-pipeline so the loop's inputs are this graph's inputs: kfp.local (2.17) replaces an
         # upstream task's output passed straight into a ParallelFor with the loop item.
         with dsl.ParallelFor(tasks, parallelism=parallelism, name="tasks") as task:
             shard_task = shard(dataset=dataset, store_root=store_root, task=task)
-            _io_step(shard_task, s3_secret, cache=True).set_display_name("shard")
+            _io_step(shard_task, s3_secret, cache=True, backoff=retry_backoff).set_display_name("shard")
             _image(shard_task, *pulled)
 
             ft = finetune(task=task, preset=preset, shards=shard_task.output, init=pretrain_run,
                           store_root=store_root, run_id=run_id, overrides=overrides, procs=gpus_per_node,
                           wandb_project=wandb_project)
             _store_access(ft, s3_secret).set_caching_options(False).set_display_name("finetune")
+            _retry(ft, 2, retry_backoff)  # resumes from the task's latest checkpoint in runs/<run id>/<task>
             _image(ft, *pulled)
             _wandb_access(ft, wandb_secret)
             _node_size(ft, cpu_per_node, memory_per_node, SHM_TRAIN)
@@ -140,14 +156,13 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             ev = evaluate(task=task, checkpoint=ft.output, shards=shard_task.output, overrides=overrides)
             _store_access(ev, s3_secret).set_caching_options(False).set_display_name("evaluate")
             _image(ev, *pulled)
-            ev.set_retry(num_retries=2, backoff_duration="30s")
+            _retry(ev, 2, retry_backoff)
             _node_size(ev, cpu_per_node, memory_per_node, SHM_EVALUATE)  # on CPU: no GPU, no GPU tolerations
 
         report_task = report(pretrain_run=pretrain_run, metrics_uris=dsl.Collected(ev.outputs["metrics_uri"]),
                              dataset=dataset, store_root=store_root, run_id=run_id)
-        _io_step(report_task, s3_secret, cache=False, size=REPORT_POD).set_display_name("report")
+        _io_step(report_task, s3_secret, cache=False, backoff=retry_backoff, size=REPORT_POD).set_display_name("report")
         _image(report_task, *pulled)
-        return report_task.outputs["Output"]
 
     @dsl.pipeline(name="soho", description="SOHO vision-language pre-training, fine-tuning on every task, report")
     def soho_pipeline(
@@ -175,8 +190,9 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         s3_secret: str = "soho-s3",
         wandb_secret: str = "soho-wandb",
         pretrain_timeout_s: int = 604800,
-    ) -> str:
-        """Returns the URI of the run's report.md. ``data_source`` is ``synthetic`` (the built-in
+    ):
+        """Writes the report to ``runs/<run id>/report/report.md`` and the run's final state to
+        ``runs/<run id>/status.json`` under ``store_root``. ``data_source`` is ``synthetic`` (the built-in
         world; ``num_images``, ``image_size``, ``min_objects``, ``max_objects`` and ``seed`` size it),
         ``official`` (download COCO, VG, VQA v2, Karpathy, NLVR2, SNLI-VE as the tasks need into
         ``store_root``; NLVR2 and Flickr30K images are user-provided) or the URI of a dataset already
@@ -189,44 +205,48 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         to the pods that ask for GPUs."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the run's id: its folder in the store and its wandb group
 
-        data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
-                         image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks)
-        _io_step(data_task, s3_secret, cache=True).set_display_name("data")
-        _image(data_task, *pulled)
+        done = finish(store_root=store_root, run_id=run_id, launcher=launcher, namespace=namespace)
+        _io_step(done, s3_secret, cache=False, backoff=retry_backoff, size=WATCHER_POD).set_display_name("finish")
+        _image(done, *pulled)
+        with dsl.ExitHandler(done, name="run"):
+            data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
+                             image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks)
+            _io_step(data_task, s3_secret, cache=True, backoff=retry_backoff).set_display_name("data")
+            _image(data_task, *pulled)
 
-        shard_pretrain = shard(dataset=data_task.output, store_root=store_root, task="pretrain")
-        _io_step(shard_pretrain, s3_secret, cache=True).set_display_name("shard pretrain")
-        _image(shard_pretrain, *pulled)
+            shard_pretrain = shard(dataset=data_task.output, store_root=store_root, task="pretrain")
+            _io_step(shard_pretrain, s3_secret, cache=True, backoff=retry_backoff).set_display_name("shard pretrain")
+            _image(shard_pretrain, *pulled)
 
-        pretrain_args = dict(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
-                             overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
-                             gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
-                             memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
-                             s3_secret=s3_secret, wandb_secret=wandb_secret, image=image,
-                             image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
-                             timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
-        # With launcher=torchrun the step's own pod trains: a training node's size, GPUs and /dev/shm.
-        # Otherwise the pod only creates and watches the job (the job's nodes get the size, GPUs,
-        # tolerations and node selector): a small pod.
-        with dsl.If(launcher == "torchrun", name="pretrain-here"):
-            here = pretrain(**pretrain_args)
-            _node_size(here, cpu_per_node, memory_per_node, SHM_TRAIN)
-            _gpus(here, gpus_per_node, gpu_tolerations, gpu_node_selector)
-        with dsl.Else(name="pretrain-job"):
-            job = pretrain(**pretrain_args, tolerations=gpu_tolerations, node_selector=gpu_node_selector)
-            _size(job, WATCHER_POD)
-        for task, name in ((here, "pretrain"), (job, "pretrain (job)")):
-            _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
-            _wandb_access(task, wandb_secret)
-            _image(task, *pulled)
+            pretrain_args = dict(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
+                                 overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
+                                 gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
+                                 memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
+                                 s3_secret=s3_secret, wandb_secret=wandb_secret, image=image,
+                                 image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
+                                 timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
+            # With launcher=torchrun the step's own pod trains: a training node's size, GPUs and /dev/shm.
+            # Otherwise the pod only creates and watches the job (the job's nodes get the size, GPUs,
+            # tolerations and node selector): a small pod.
+            with dsl.If(launcher == "torchrun", name="pretrain-here"):
+                here = pretrain(**pretrain_args)
+                _node_size(here, cpu_per_node, memory_per_node, SHM_TRAIN)
+                _gpus(here, gpus_per_node, gpu_tolerations, gpu_node_selector)
+            with dsl.Else(name="pretrain-job"):
+                job = pretrain(**pretrain_args, tolerations=gpu_tolerations, node_selector=gpu_node_selector)
+                _size(job, WATCHER_POD)
+            for task, name in ((here, "pretrain"), (job, "pretrain (job)")):
+                _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
+                _retry(task, 2, retry_backoff)  # resumes from runs/<run id>/pretrain, or follows the job it created
+                _wandb_access(task, wandb_secret)
+                _image(task, *pulled)
 
-        rest = downstream(dataset=data_task.output, pretrain_run=dsl.OneOf(here.output, job.output),
-                          store_root=store_root, run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,
-                          gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
-                          gpu_tolerations=gpu_tolerations, gpu_node_selector=gpu_node_selector,
-                          wandb_project=wandb_project, s3_secret=s3_secret, wandb_secret=wandb_secret)
-        rest.set_display_name("downstream tasks")
-        return rest.output
+            rest = downstream(dataset=data_task.output, pretrain_run=dsl.OneOf(here.output, job.output),
+                              store_root=store_root, run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,
+                              gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
+                              gpu_tolerations=gpu_tolerations, gpu_node_selector=gpu_node_selector,
+                              wandb_project=wandb_project, s3_secret=s3_secret, wandb_secret=wandb_secret)
+            rest.set_display_name("downstream tasks")
 
     return soho_pipeline
 

@@ -4,6 +4,7 @@ under it, cancelled) correctly. There is no cluster here: a small in-memory stan
 the three ``CustomObjectsApi`` calls the watcher makes plays the operator."""
 
 import copy
+import json
 import os
 import signal
 from pathlib import Path
@@ -350,6 +351,58 @@ def test_pipeline_pretrain_step_launches_a_valid_job(monkeypatch, crd_validator,
         steps.pretrain("tiny", "D", str(tmp_path), "r", launcher="slurm")
     with pytest.raises(ValueError, match="nodes=2"):
         steps.pretrain("tiny", "D", str(tmp_path), "r", launcher="torchrun", nodes=2)
+
+
+def _finish(monkeypatch, tmp_path, api, state, launcher="pytorchjob"):
+    """The exit handler's step against ``api`` (None: no call to the Kubernetes API is allowed);
+    returns what it wrote to the store."""
+    from soho_core.pipeline import steps
+
+    def connect():
+        assert api is not None, "the Kubernetes API was called"
+        return api
+
+    monkeypatch.setattr(steps, "kubernetes_api", connect)
+    uri = steps.finish_run(str(tmp_path), "run-42", state, "Task exit-handler-1 failed.", launcher=launcher,
+                           namespace="team-a")
+    assert uri == str(tmp_path / "runs" / "run-42" / "status.json")
+    return json.loads(Path(uri).read_text())
+
+
+def test_exit_handler_deletes_a_job_still_running_when_the_run_did_not_succeed(monkeypatch, tmp_path):
+    body = build_pytorchjob(_spec(name="soho-pretrain-run-42"))
+    api = FakeCustomObjects([RUNNING])
+    api.jobs[("team-a", "soho-pretrain-run-42")] = body
+    status = _finish(monkeypatch, tmp_path, api, "FAILED")
+    assert api.deleted == 1 and not api.jobs
+    assert status["deleted_jobs"] == ["PyTorchJob team-a/soho-pretrain-run-42"]
+    assert (status["run_id"], status["state"], status["error"], status["report"]) == (
+        "run-42", "FAILED", "Task exit-handler-1 failed.", "")
+    # A job that has ended is kept (a failed one for its logs); a missing one is fine.
+    api = FakeCustomObjects([FAILED])
+    api.jobs[("team-a", "soho-pretrain-run-42")] = body
+    assert _finish(monkeypatch, tmp_path, api, "FAILED")["deleted_jobs"] == [] and api.deleted == 0
+    assert _finish(monkeypatch, tmp_path, FakeCustomObjects([RUNNING]), "CANCELED")["deleted_jobs"] == []
+
+
+def test_exit_handler_after_success_or_torchrun_asks_no_cluster_and_records_the_report(monkeypatch, tmp_path):
+    report = tmp_path / "runs" / "run-42" / "report" / "report.md"
+    report.parent.mkdir(parents=True)
+    report.write_text("# report")
+    for state, launcher in (("SUCCEEDED", "pytorchjob"), ("FAILED", "torchrun")):
+        status = _finish(monkeypatch, tmp_path, None, state, launcher)
+        assert status["state"] == state and status["report"] == str(report) and status["deleted_jobs"] == []
+
+
+def test_exit_handler_that_cannot_delete_records_it_then_fails(monkeypatch, tmp_path):
+    class Forbidden(FakeCustomObjects):
+        def get_namespaced_custom_object(self, *args):
+            raise ApiException(status=403, reason="Forbidden")
+
+    with pytest.raises(RuntimeError, match="kubectl -n team-a delete pytorchjob soho-pretrain-run-42"):
+        _finish(monkeypatch, tmp_path, Forbidden([RUNNING]), "FAILED")
+    status = json.loads((tmp_path / "runs" / "run-42" / "status.json").read_text())
+    assert status["state"] == "FAILED" and "Forbidden" in status["cleanup_error"]
 
 
 # --------------------------------------------------------------------------- the local launcher

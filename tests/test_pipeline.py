@@ -4,6 +4,9 @@ before work, the report reads what training and evaluation write, and the whole 
 on this machine under kfp.local."""
 
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,31 +107,52 @@ def _executors(spec):
 def test_dag_shape_caching_and_retries(compiled):
     _, spec, _ = compiled
     tasks = _tasks(spec)
-    root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"data", "shard", "condition-branches-1", "soho-downstream"}
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish"}
+    body = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(body) == {"data", "shard", "condition-branches-2", "soho-downstream"}
     # One pre-training step runs: the trainer itself (launcher=torchrun) or the job's watcher.
     for name in ("pretrain", "pretrain-2"):
         shards = tasks[name][0]["inputs"]["parameters"]["shards"]["componentInputParameter"]
         assert shards == "pipelinechannel--shard-Output"
-    assert root["soho-downstream"]["inputs"]["parameters"]["pretrain_run"]["taskOutputParameter"][
-        "producerTask"] == "condition-branches-1"  # dsl.OneOf of the two
-    data_inputs = root["data"]["inputs"]["parameters"]
-    assert data_inputs["source"]["componentInputParameter"] == "data_source"
-    assert data_inputs["tasks"]["componentInputParameter"] == "tasks"  # what "official" downloads
+    assert body["soho-downstream"]["inputs"]["parameters"]["pretrain_run"]["taskOutputParameter"][
+        "producerTask"] == "condition-branches-2"  # dsl.OneOf of the two
+    data_inputs = body["data"]["inputs"]["parameters"]
+    assert data_inputs["source"]["componentInputParameter"] == "pipelinechannel--data_source"
+    assert data_inputs["tasks"]["componentInputParameter"] == "pipelinechannel--tasks"  # what "official" downloads
     loop = next(t for ts in tasks.values() for t in ts if "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("tasks")
     ev = tasks["evaluate"][0]["inputs"]["parameters"]
     assert ev["checkpoint"]["taskOutputParameter"]["producerTask"] == "finetune"
     report = tasks["report"][0]["inputs"]["parameters"]["metrics_uris"]
     assert report["taskOutputParameter"]["producerTask"].startswith("for-loop")  # dsl.Collected
-    # Data preparation is cached, training and evaluation are not; I/O steps retry.
+    # Data preparation is cached, training, evaluation and the report are not; every step retries
+    # (training resumes from its checkpoint), with growing back-off.
     for name in ("data", "shard"):
         assert all(t["cachingOptions"].get("enableCache") for t in tasks[name])
-        assert all(t["retryPolicy"]["maxRetryCount"] == 3 for t in tasks[name])
-    for name in ("pretrain", "pretrain-2", "finetune", "evaluate", "report"):
+    for name in ("pretrain", "pretrain-2", "finetune", "evaluate", "report", "finish"):
         assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks[name])
-    assert tasks["report"][0]["retryPolicy"]["maxRetryCount"] == 3
-    assert "retryPolicy" not in tasks["pretrain"][0] and "retryPolicy" not in tasks["finetune"][0]
+    retries = {"data": 3, "shard": 3, "report": 3, "finish": 3, "pretrain": 2, "pretrain-2": 2, "finetune": 2,
+               "evaluate": 2}
+    for name, times in retries.items():
+        for t in tasks[name]:
+            assert (t["retryPolicy"]["maxRetryCount"], t["retryPolicy"]["backoffDuration"],
+                    t["retryPolicy"]["backoffFactor"]) == (times, "30s", 2.0), name
+
+
+def test_the_exit_handler_follows_the_whole_run_and_knows_its_job(compiled):
+    """``finish`` runs after everything else, however it ended (the run's final status is its input),
+    with what it needs to find the pre-training job; it writes to the store, so it has the S3 keys."""
+    _, spec, platform = compiled
+    finish = spec["root"]["dag"]["tasks"]["finish"]
+    assert finish["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    assert finish["dependentTasks"] == ["exit-handler-1"]
+    inputs = finish["inputs"]["parameters"]
+    assert inputs["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert {k: v["componentInputParameter"] for k, v in inputs.items() if "componentInputParameter" in v} == {
+        "store_root": "store_root", "launcher": "launcher", "namespace": "namespace"}
+    assert inputs["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    envs = {e["envVar"] for s in platform["exec-finish"]["secretAsEnv"] for e in s["keyToEnv"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs
 
 
 def test_parameters_are_typed(compiled):
@@ -164,7 +188,7 @@ def test_every_pod_has_requests_and_limits_sized_per_step(compiled):
     _, spec, platform = compiled
     executors, by_name = spec["deploymentSpec"]["executors"], _executors(spec)
     assert set(by_name) == {"data", "shard pretrain", "pretrain", "pretrain (job)", "shard", "finetune", "evaluate",
-                            "report"}
+                            "report", "finish"}
     node_sized = {"pretrain", "finetune", "evaluate"}  # pretrain: launcher=torchrun trains in its own pod
     for name, label in by_name.items():
         res = executors[label]["container"]["resources"]
@@ -345,6 +369,80 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     assert {"vqa/vqa_score", "nlvr2/accuracy"} <= set(logged)
     (md,) = [p for p in kfp_root.rglob("markdown") if p.is_file()]
     assert md.read_text().startswith("# SOHO pipeline report")
+    # The exit handler recorded how the run ended.
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["report"], status["deleted_jobs"]) == ("SUCCEEDED", str(report), [])
+
+
+def _trainers(command: str, marker: str) -> list[int]:
+    """Pids of the training processes (not torchrun's agent) of ``soho <command>`` whose arguments
+    mention ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+        trainer = any(a == "soho_core" and b == command for a, b in zip(args, args[1:]))
+        if trainer and "torch.distributed.run" not in args and any(marker in a for a in args):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_finetune_killed_mid_run_succeeds_on_its_retry_from_the_checkpoint(tmp_path, monkeypatch):
+    """kfp.local runs the retry policy: the fine-tune's trainer is killed (SIGKILL, as the kernel's
+    out-of-memory killer does) while it writes its step-4 checkpoint; the step fails (torchrun
+    itself does not restart it here), kfp.local runs it again, and the second try resumes from the
+    step-2 checkpoint and ends at the planned step 6. The run then succeeds."""
+    from soho_core import env as names
+
+    work = tmp_path / "work"
+    # Halfway through writing the step-4 checkpoint, the writer waits: the moment to kill it. (The
+    # retry waits there too, unharmed; pre-training stops at step 2 and never gets there.)
+    monkeypatch.setenv(names.FAULT_CHECKPOINT_PAUSE, "4:8")
+    killed: list[int] = []
+
+    def kill_when_paused(stop: threading.Event) -> None:
+        while not stop.wait(0.05):
+            if list((work / "store" / "runs").glob("*/vqa/checkpoints/step-00000004.pt.tmp-*")):
+                for pid in _trainers("finetune", str(work)):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_when_paused, args=(stop,), daemon=True)
+    killer.start()
+    try:
+        result = runner.run_local(str(work), preset="tiny", tasks=["vqa"], overrides=[
+            "train.max_steps=2", "finetune.max_steps=6", "train.ckpt_every=2", "train.log_every=2"])
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == 1
+    run = Path(result.report_uri).parent.parent
+    ft = run / "vqa"
+    assert json.loads((ft / "checkpoints" / "latest.json").read_text())["step"] == 6
+    resumes = [e for e in map(json.loads, (ft / "metrics.jsonl").read_text().splitlines()) if e.get("event")]
+    # One resume, from step 2, by a new step process (torchrun's own restart count is 0).
+    assert [(e["event"], e["step"], e["restart"]) for e in resumes] == [("resume", 2, 0)]
+    assert json.loads((run / "status.json").read_text())["state"] == "SUCCEEDED"
+    assert set(result.summary["metrics"]) == {"vqa"}
+
+
+@pytest.mark.slow
+def test_a_failed_run_triggers_the_exit_handler(tmp_path):
+    """A run whose data step fails (after its retries) ends failed, and the exit handler still runs:
+    the run's final state is in the store. Nothing after the failed step ran."""
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        runner.run_local(str(work), preset="tiny", tasks=["vqa"], params={"data_source": str(tmp_path / "missing")})
+    (status_file,) = (work / "store" / "runs").glob("*/status.json")
+    status = json.loads(status_file.read_text())
+    assert (status["state"], status["report"], status["deleted_jobs"]) == ("FAILED", "", [])
+    assert "exit-handler-1" in status["error"]
+    assert sorted(p.name for p in status_file.parent.iterdir()) == ["status.json"]
 
 
 def _zip_folder(folder: Path) -> bytes:

@@ -315,6 +315,16 @@ def test_pipeline_pretrain_step_with_the_trainjob_launcher(monkeypatch, trainjob
         steps.pretrain("tiny", "D", "s3://soho", "r", launcher="trainjob", namespace="x")
 
 
+def test_exit_handler_deletes_a_trainjob_still_running(monkeypatch, tmp_path):
+    from soho_core.pipeline import steps
+
+    api = FakeTrainer([RUNNING])
+    api.jobs[("team-a", "soho-pretrain-run-42")] = build_trainjob(_spec(name="soho-pretrain-run-42"))
+    monkeypatch.setattr(steps, "kubernetes_api", lambda: api)
+    steps.finish_run(str(tmp_path), "run-42", "FAILED", launcher="trainjob", namespace="team-a")
+    assert api.deleted == 1 and not api.jobs
+
+
 # --------------------------------------------------------------------------- manifests/trainjob
 
 ROOT = Path(__file__).resolve().parents[1]

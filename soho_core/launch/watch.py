@@ -10,7 +10,9 @@ step's log in the Kubeflow UI). It returns when the job's ``Succeeded`` conditio
 ``Complete``) is true and raises :class:`JobFailed` on ``Failed``, :class:`JobTimeout` past the deadline,
 :class:`JobVanished` when the job is deleted under it, and :class:`JobCancelled` when the
 step is cancelled (SIGTERM, as Kubeflow sends on cancel, or Ctrl-C). On timeout and
-cancel the job is deleted, so no GPU keeps training for a run nobody waits for.
+cancel the job is deleted, so no GPU keeps training for a run nobody waits for;
+:func:`delete_if_running` does the same for the pipeline's exit handler when the step died
+before it could.
 
 Only three ``CustomObjectsApi`` methods are used (create, get, delete of a namespaced
 custom object), and with a ``CoreV1Api`` one or two more, ``read_namespaced_pod_log`` (and for
@@ -142,6 +144,26 @@ def delete_job(api, namespace: str, name: str, log: Callable[[str], None] = prin
     except Exception as err:
         if _status_code(err) != 404:
             raise
+
+
+def delete_if_running(api, namespace: str, name: str, log: Callable[[str], None] = print,
+                      kind: str = pytorchjob.KIND) -> bool:
+    """Delete the job unless it is gone or has ended (a failed job is kept for its logs; the
+    operator's TTL removes it). Returns whether it was deleted: the pipeline's exit handler's
+    clean-up when the step that watched the job died without deleting it."""
+    group, version, plural = resource(kind)
+    try:
+        obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+    except Exception as err:
+        if _status_code(err) == 404:
+            return False
+        raise
+    state = job_state(obj)
+    if state.done:
+        log(f"{kind} {namespace}/{name} has ended ({state.phase}): kept")
+        return False
+    delete_job(api, namespace, name, log, kind=kind)
+    return True
 
 
 class PodLogFollower:

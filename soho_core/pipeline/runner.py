@@ -47,14 +47,15 @@ class PodImage:
     pull_secret: str = ""
 
 
-def _pipeline_func(parallelism: int = 0, image: PodImage = PodImage()):
+def _pipeline_func(parallelism: int = 0, image: PodImage = PodImage(), retry_backoff: str = "30s"):
     try:
         from pipelines.soho import build_pipeline
     except ImportError as err:
         raise ImportError(f"the pipeline needs the `pipeline` extra and the packaged pipelines/ and components/ "
                           f"(pip install 'soho-kubeflow[pipeline]'): {err}") from err
     ref = {"image": image.ref} if image.ref else {}
-    return build_pipeline(parallelism, image_pull_policy=image.pull_policy, image_pull_secret=image.pull_secret, **ref)
+    return build_pipeline(parallelism, image_pull_policy=image.pull_policy, image_pull_secret=image.pull_secret,
+                          retry_backoff=retry_backoff, **ref)
 
 
 def pipeline_parameters() -> dict[str, Any]:
@@ -143,8 +144,12 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
               parallelism: int = 1) -> LocalRun:
     """Run the whole DAG on this machine with kfp.local; the store is ``work_dir/store`` and
     KFP's artifacts go to ``work_dir/kfp``. ``parallelism`` downstream tasks train at a time (one
-    by default: on a few shared cores, parallel runs only compete). Raises when any step fails."""
+    by default: on a few shared cores, parallel runs only compete). A failed step is retried as on a
+    cluster, but at once (no node to wait for).
+    Raises when the run fails, after the exit handler has recorded its final state."""
     import kfp.local
+
+    from soho_core.pipeline.steps import status_uri
 
     work_dir = os.path.abspath(work_dir)
     args = local_arguments(preset, os.path.join(work_dir, "store"), overrides, tasks, procs)
@@ -153,16 +158,24 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
     # Cached steps (data preparation) are reused by the next run in the same work dir.
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(work_dir, "kfp"),
                    raise_on_error=True, enable_caching=True, cache_root=os.path.join(work_dir, "kfp-cache"))
+    finished = _finished_runs(args["store_root"])
     start = time.perf_counter()
     with warnings.catch_warnings():
         # The components name the cluster image; locally they run in this Python on purpose.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # Resources, retries' pod settings and Secrets are the cluster's; kfp.local says so per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        result = _pipeline_func(parallelism)(**args)
-    report_uri = result.output
+        _pipeline_func(parallelism, retry_backoff="0s")(**args)
+    (run_id,) = _finished_runs(args["store_root"]) - finished
+    report_uri = storage.read_json(status_uri(args["store_root"], run_id))["report"]
     summary = storage.read_json(storage.join(report_uri.rsplit("/", 1)[0], "summary.json"))
     return LocalRun(report_uri=report_uri, summary=summary, seconds=time.perf_counter() - start, arguments=args)
+
+
+def _finished_runs(store_root: str) -> set[str]:
+    """The ids of the runs under ``store_root`` whose exit handler has written ``status.json``."""
+    fs, path = storage.fs_and_path(storage.join(store_root, "runs"))
+    return {found.rstrip("/").split("/")[-2] for found in fs.glob(f"{path}/*/status.json")}
 
 
 def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "soho", run_name: str = "",

@@ -6,12 +6,14 @@
     finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
     evaluate  evaluate(task, checkpoint, shards, overrides)  -> metrics.json contents (+ its URI)
     report    soho_core.report.write_report(...)
+    finish    finish_run(store_root, run_id, state, ...)     -> runs/<run id>/status.json (the exit handler)
 
 Every location is a URI under ``store_root`` (a local folder or ``s3://...``): datasets and
 shards by their content (same source and size, same place: cacheable and shared between
 runs), training runs by pipeline run id (``runs/<run id>/<step>``). Steps are idempotent
 so a retried step is safe: data and shards already complete are kept (``manifest.json``
-and ``index.json`` are written last), training resumes from its latest checkpoint.
+and ``index.json`` are written last), training resumes from its latest checkpoint, and a
+retried pre-training step follows the job it created (the same name, :data:`PRETRAIN_JOB`).
 
 Each step first checks the store (:func:`soho_core.storage.check_access`): without S3 credentials,
 with a wrong endpoint, refused access or a missing bucket it ends with one ``soho: error: ...``
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from typing import Any, Callable, Sequence, TypeVar
 
 from soho_core import storage
 
 LAUNCHERS = ("torchrun", "pytorchjob", "trainjob")
+PRETRAIN_JOB = "soho-pretrain"  # the pre-training job is named PRETRAIN_JOB-<run id>
 SOURCES = ("synthetic", "official")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -203,7 +207,7 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
         from soho_core.launch.trainjob import build_trainjob
         from soho_core.launch.watch import run_job
 
-        spec = JobSpec(name=job_name("soho-pretrain", run_id), namespace=namespace or current_namespace(),
+        spec = JobSpec(name=job_name(PRETRAIN_JOB, run_id), namespace=namespace or current_namespace(),
                        image=image, soho_args=args, nodes=nodes, procs_per_node=procs_per_node,
                        gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
                        s3_secret=s3_secret, wandb_secret=wandb_secret, env=env,
@@ -288,3 +292,45 @@ def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] =
                             overrides=evaluation_overrides(overrides))
     print(json.dumps(report), flush=True)
     return out, report
+
+
+def status_uri(store_root: str, run_id: str) -> str:
+    return run_uri(store_root, run_id, "status.json")
+
+
+def finish_run(store_root: str, run_id: str, state: str, error: str = "", launcher: str = "torchrun",
+               namespace: str = "") -> str:
+    """The exit handler, run however the run ended (``state``: KFP's ``SUCCEEDED``, ``FAILED``, ...).
+    Unless the run succeeded, a pre-training job still running is deleted: its step may have died
+    without deleting it (an evicted or killed watcher pod). Then ``runs/<run_id>/status.json`` gets
+    the final state: ``state``, ``error``, ``finished_at``, ``report`` (the report's URI, when
+    written) and ``deleted_jobs``. Returns that file's URI; a failed clean-up is recorded, then raised."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    deleted: list[str] = []
+    cleanup_error = ""
+    if launcher != "torchrun" and state != "SUCCEEDED":  # torchrun's trainers ended with their step's pod
+        from soho_core.launch import pytorchjob, trainjob
+        from soho_core.launch.watch import delete_if_running
+
+        kind = pytorchjob.KIND if launcher == "pytorchjob" else trainjob.KIND
+        name = pytorchjob.job_name(PRETRAIN_JOB, run_id)
+        try:
+            namespace = namespace or current_namespace()
+            if delete_if_running(kubernetes_api(), namespace, name, kind=kind):
+                deleted.append(f"{kind} {namespace}/{name}")
+        except Exception as err:  # noqa: BLE001 (the API's or the config's: recorded, then raised)
+            cleanup_error = (f"could not delete {kind} {namespace or '?'}/{name} ({err}); delete it by hand: "
+                             f"kubectl -n {namespace or '<namespace>'} delete {kind.lower()} {name}")
+    report = storage.join(run_uri(store_root, run_id, "report"), "report.md")
+    status = {"run_id": run_id, "state": state, "error": error,
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "report": report if storage.exists(report) else "", "deleted_jobs": deleted}
+    if cleanup_error:
+        status["cleanup_error"] = cleanup_error
+    out = status_uri(store_root, run_id)
+    storage.write_json_atomic(out, status)
+    print(json.dumps(status), flush=True)
+    if cleanup_error:
+        raise RuntimeError(cleanup_error)
+    return out
