@@ -8,7 +8,7 @@ DEMO   ?= demo-out
 export OMP_WAIT_POLICY ?= PASSIVE
 export WANDB_MODE ?= offline
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean image image-cuda test-image
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/soho pipeline run --local --preset demo --work-dir $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/image
 
 # Speed, not part of `make test`: dictionary, pre-training step, VQA inference against the
 # region-based pipeline, and the shard loader against raw decoding (the demo's 128-px PNGs, and
@@ -44,6 +44,19 @@ bench: $(STAMP)
 	@echo "== $(BENCH_OUT)/*.json =="
 	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json \
 		$(BENCH_OUT)/data_loader.json $(BENCH_OUT)/data_loader_photos.json
+
+# The image every pipeline step and training pod runs (docker/Dockerfile): with docker when an
+# engine answers, otherwise with buildah over a base made from Debian's packages where no
+# registry answers (docker/build.sh says which). `make test-image` then runs the image's tests:
+# inside the image, and the pre-training job's pods as containers (podman + runc).
+image:
+	docker/build.sh cpu
+
+image-cuda:
+	docker/build.sh cuda
+
+test-image: $(STAMP)
+	CONTAINERS_CONF=$(CURDIR)/docker/containers.conf $(PY) -m pytest -q tests/image
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -34,12 +34,14 @@ import components
 import soho_core
 from soho_core import cli
 from soho_core.config import PRESETS, load_config
-from soho_core.launch.pytorchjob import (CONTAINER, GROUP, KIND, PLURAL, RDZV_PORT, RESTART_POLICY, VERSION,
+from soho_core.launch.pytorchjob import (CONTAINER, GROUP, KIND, PLURAL, NODE_ENV, RDZV_PORT, RESTART_POLICY, VERSION,
                                          JobSpec, torchrun_command)
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-DOCKERFILES = {"cuda": ROOT / "docker" / "Dockerfile.cuda", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+# Variables read by torch or OpenMP rather than by the project's code.
+THIRD_PARTY_ENV = {"OMP_NUM_THREADS", *NODE_ENV}
 # Rendered as they are; manifests/secrets needs the git-ignored env files (test_secret_templates).
 KUSTOMIZATIONS = ("base", "pretrain", "overlays/minio", "overlays/gpu")
 K8S_VERSION = "1.33"  # schemas of kubernetes-validate; Kubeflow 1.10 runs on Kubernetes 1.31-1.33
@@ -227,6 +229,8 @@ def test_pytorchjob_runs_the_launchers_command(rendered, name):
     assert c["resources"]["requests"] == c["resources"]["limits"]
     env = {e["name"]: e for e in c["env"]}
     assert env["OMP_NUM_THREADS"]["value"] == str(max(1, int(spec.cpu_per_node) // procs))
+    # A restarted pod can rejoin the rendezvous (tests/image/test_pods.py runs that for real).
+    assert {k: env[k]["value"] for k in NODE_ENV} == NODE_ENV
     if name == "overlays/gpu":
         assert gpus == procs and job["spec"]["nprocPerNode"] == str(gpus)
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -244,8 +248,7 @@ def test_pytorchjob_runs_the_launchers_command(rendered, name):
     assert pod["automountServiceAccountToken"] is False
     ctx = pod["securityContext"]
     assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] != 0
-    for dockerfile in DOCKERFILES.values():
-        assert str(ctx["runAsUser"]) == docker_user(dockerfile), "the image's user"
+    assert str(ctx["runAsUser"]) == docker_user(DOCKERFILE), "the image's user"
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
@@ -339,7 +342,7 @@ def test_env_and_secret_references_match_the_code(rendered, pipeline_defaults):
         expanded = {v for arg in c.get("command", []) for v in re.findall(r"\$\((\w+)\)", arg)}
         for e in c.get("env", []):
             name = e["name"]
-            assert name in read or name.startswith("NCCL_") or name == "OMP_NUM_THREADS" or name in expanded, \
+            assert name in read or name.startswith("NCCL_") or name in THIRD_PARTY_ENV or name in expanded, \
                 f"{c['name']}: {name} is read by nothing"
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:  # the only secret variable: the wandb key, optional (offline without it)
@@ -400,7 +403,7 @@ CREDENTIAL_PATTERNS = (
 
 def test_no_credential_in_manifests_or_dockerfiles():
     # A filled-in, git-ignored manifests/secrets/*.env on this machine is the user's, not the repository's.
-    files = [p for p in MANIFESTS.rglob("*") if p.is_file() and p.suffix != ".env"] + list(DOCKERFILES.values())
+    files = [p for p in MANIFESTS.rglob("*") if p.is_file() and p.suffix != ".env"] + [DOCKERFILE]
     files.append(ROOT / ".dockerignore")
     assert len(files) > 8
     for path in files:
@@ -586,19 +589,15 @@ def test_dockerignore_keeps_the_context_to_the_package(dockerignore):
         assert dockerignore_excludes(dropped, dockerignore), dropped
 
 
-@pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
-def test_dockerfile_is_pinned_multi_stage_non_root_with_soho_entrypoint(flavour, dockerignore):
-    path = DOCKERFILES[flavour]
-    found = stages(path)
-    assert len(found) >= 2, "multi-stage"
-    build_names = {name for _, name, _ in found[:-1] if name}
-    for image, _, _ in found:
-        name, _, tag = image.rpartition(":")
-        assert name and re.match(r"\d+\.\d+\.\d+", tag), f"{image}: base image not pinned by tag"
-    final = found[-1][2]
-    assert any(ins == "COPY" and re.match(rf"--from=({'|'.join(build_names)})\b", args) for ins, args in final), \
-        "the final stage copies the build stage's result"
-
+def test_dockerfile_is_pinned_non_root_with_soho_entrypoint(dockerignore):
+    """One Dockerfile for both builds: the base pinned by tag, torch from a build argument
+    (PyTorch's CPU index by default; docker/build.sh passes an empty one for CUDA). The image
+    itself is built and run by tests/image (`make image test-image`)."""
+    found = stages(DOCKERFILE)
+    assert len(found) == 1, "one stage: the venv is stored once"
+    image, _, final = found[0]
+    name, _, tag = image.rpartition(":")
+    assert name and re.match(r"\d+\.\d+\.\d+", tag), f"{image}: base image not pinned by tag"
     runs = " ".join(args for _, _, instructions in found for ins, args in instructions if ins == "RUN")
     for package, version in TORCH_PINS.items():
         assert re.search(rf"\b{package}=={re.escape(version)}(\s|$)", runs), f"{package} not pinned to {version}"
@@ -609,8 +608,11 @@ def test_dockerfile_is_pinned_multi_stage_non_root_with_soho_entrypoint(flavour,
     assert extras and tuple(extras.group(1).split(",")) == EXTRAS
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(optional)
-    cpu_index = "download.pytorch.org/whl/cpu" in runs
-    assert cpu_index == (flavour == "cpu")
+    args = dict(a.partition("=")[::2] for i, a in final if i == "ARG")
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs, "an empty index means PyPI's"
+    build = (ROOT / "docker" / "build.sh").read_text()
+    assert re.search(r"cuda\)[^;]*index=\$\{TORCH_INDEX_URL-\}", build), "the CUDA build: PyPI's torch"
 
     # Non-root by number (Kubernetes' runAsNonRoot can only check a number), the venv first on
     # PATH (KFP's component command calls `python3`), KFP's artifact folders writable.
@@ -639,10 +641,9 @@ def test_dockerfile_is_pinned_multi_stage_non_root_with_soho_entrypoint(flavour,
 def test_the_copied_files_build_the_package(tmp_path, dockerignore):
     """What the build stage copies (through .dockerignore) is enough to build the wheel it installs,
     with the `soho` entry point and the extras it asks for."""
-    copies = {flavour: [args for ins, args in stages(path)[0][2] if ins == "COPY"]
-              for flavour, path in DOCKERFILES.items()}
-    assert copies["cpu"] == copies["cuda"], "both images install the same files"
-    for args in copies["cpu"]:
+    copies = [args for ins, args in stages(DOCKERFILE)[0][2] if ins == "COPY"]
+    assert copies
+    for args in copies:
         *sources, dest = args.split()
         target = tmp_path / dest.lstrip("/")
         for src in sources:
@@ -714,7 +715,7 @@ def test_readme_cluster_section_names_what_exists(rendered):
     section = readme.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
     for path in set(re.findall(r"manifests/[\w./-]+", section)):
         assert (ROOT / path.rstrip(".")).exists(), path
-    for path in set(re.findall(r"docker/Dockerfile\.\w+", section)):
+    for path in set(re.findall(r"docker/[\w.-]+", section)):
         assert (ROOT / path).exists(), path
     account = one(rendered["base"], "ServiceAccount")["metadata"]["name"]
     assert set(re.findall(r"--service-account[ =]([\w.-]+)", section)) == {account}

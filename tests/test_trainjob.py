@@ -18,7 +18,7 @@ from kubernetes.client import ApiException
 from kube_helpers import FakeClock, strict_schema
 
 from soho_core.launch import soho_args
-from soho_core.launch.pytorchjob import JobSpec
+from soho_core.launch.pytorchjob import NODE_ENV, JobSpec
 from soho_core.launch.trainjob import (GROUP, NODE, PLURAL, S3_SECRET_KEYS, VERSION, build_trainjob,
                                        trainjob_command)
 from soho_core.launch.watch import JobFailed, job_state, run_job
@@ -375,7 +375,8 @@ def test_trainjob_manifest_validates_and_runs_the_launchers_job(trainjob_validat
         elif "secretKeyRef" in ref:
             assert ref["secretKeyRef"]["optional"] is True and ref["secretKeyRef"]["key"] == name
         else:
-            assert name in ("WANDB_RUN_GROUP", "OMP_NUM_THREADS"), name
+            assert name in ("WANDB_RUN_GROUP", "OMP_NUM_THREADS", *NODE_ENV), name
+    assert {k: env[k]["value"] for k in NODE_ENV} == NODE_ENV  # a restarted node can rejoin
     secret_keys = {n for n, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
     launcher_keys = {e["name"] for e in launcher["spec"]["trainer"]["env"] if "valueFrom" in e}
     assert secret_keys == launcher_keys

@@ -28,6 +28,11 @@ ENTRY = "soho_core.launch.node"  # checks the soho arguments, then execs torch.d
 # restarts are spent); 128 and up (out-of-memory kill, a preemption's SIGTERM) restart the pod.
 RESTART_POLICY = "ExitCode"
 RDZV_PORT = 23456  # the operator's default master port, exposed by the Master's service
+# Set in every training pod. torch >= 2.4 shares the rendezvous store with the trainers and
+# publishes its address only in the first rendezvous round, so a restarted pod (a new agent
+# joining a later round) waits for it forever and times out (pytorch/pytorch#135712):
+# tests/image/test_pods.py saw exactly that before this setting.
+NODE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")  # a toleration as JSON
@@ -149,6 +154,7 @@ def pod_template(spec: JobSpec):
     env.append(k8s.V1EnvVar(name="WANDB_API_KEY", value_from=k8s.V1EnvVarSource(
         secret_key_ref=k8s.V1SecretKeySelector(name=spec.wandb_secret, key="WANDB_API_KEY", optional=True))))
     env.append(k8s.V1EnvVar(name="OMP_NUM_THREADS", value=threads_per_process(spec)))
+    env += [k8s.V1EnvVar(name=k, value=v) for k, v in NODE_ENV.items()]
     limits = node_limits(spec)
     container = k8s.V1Container(
         name=CONTAINER, image=spec.image, image_pull_policy=spec.image_pull_policy,

@@ -37,7 +37,7 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
 
 from __future__ import annotations
 
-from soho_core.launch.pytorchjob import ENTRY, JobSpec, job_labels, node_limits, threads_per_process
+from soho_core.launch.pytorchjob import ENTRY, NODE_ENV, JobSpec, job_labels, node_limits, threads_per_process
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
@@ -70,6 +70,7 @@ def build_trainjob(spec: JobSpec, runtime: str = "torch-distributed",
     env.append(_secret_env("WANDB_API_KEY", spec.wandb_secret, "WANDB_API_KEY"))
     env += [_secret_env(key, spec.s3_secret, key) for key in S3_SECRET_KEYS]
     env.append({"name": "OMP_NUM_THREADS", "value": threads_per_process(spec)})
+    env += [{"name": k, "value": v} for k, v in NODE_ENV.items()]
     limits = node_limits(spec)
     pod: dict = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],

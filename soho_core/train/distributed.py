@@ -54,11 +54,17 @@ def _attempt_store(rank: int, world_size: int, attempt: int, timeout: timedelta)
     every restarted worker group finds the keys the previous group wrote there. Without a
     prefix per attempt, a restarted worker can read the address a dead peer published and fail
     with "Gloo connectFullMesh failed ... Connection refused", which costs a restart each time.
+
+    The attempt count is the node's own, so it agrees across nodes only while they restart
+    together. A replaced pod starts counting at 0 while the others are at 1 or more; with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (set in every training pod, see
+    :data:`soho_core.launch.pytorchjob.NODE_ENV`) rank 0 hosts a new store on a new port in
+    every round, which holds no old keys, so no prefix is needed and none is used.
     """
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True)
-    return dist.PrefixStore(f"soho/attempt-{attempt}", store)
+    return dist.PrefixStore(f"soho/attempt-{attempt}" if agent_hosts else "soho/round", store)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
