@@ -43,7 +43,7 @@ if docker info >/dev/null 2>&1; then
 elif command -v buildah >/dev/null; then
   if [ -z "${BASE_IMAGE:-}" ] && ! buildah inspect --type image "$base" >/dev/null 2>&1 \
      && ! buildah pull -q "docker.io/library/$base" >/dev/null 2>&1; then
-    echo "docker/build.sh: no registry answers for $base; building a base from Debian's packages"
+    echo "docker/build.sh: no registry answers for $base; using a base made from Debian's packages"
     base=$(docker/base-image.sh)
   fi
   echo "docker/build.sh: building $image with buildah over $base"
