@@ -8,15 +8,31 @@ DEMO   ?= demo-out
 export OMP_WAIT_POLICY ?= PASSIVE
 export WANDB_MODE ?= offline
 
-.PHONY: demo test bench venv clean image image-cuda test-image
+.PHONY: demo test bench venv clean image image-cuda test-image lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The venv is installed from requirements.lock (every package pinned, with hashes, for Python
+# 3.11 on Linux x86_64; `make lock` refreshes it), then the project itself; `pip check` proves
+# the set is whole. Another Python or machine resolves pyproject's ranges instead, saying so.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[all]'
+	@if $(PY) -c 'import sys, platform; sys.exit(not (sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64"))'; then \
+		echo "$(PY) -m pip install --no-deps --require-hashes -r requirements.lock"; \
+		$(PY) -m pip install -q --no-deps --require-hashes -r requirements.lock; \
+	else \
+		echo "requirements.lock is for Python 3.11 on Linux x86_64: resolving pyproject's ranges instead"; \
+		$(PY) -m pip install -q $(TORCH_PINS) '.[all]'; \
+	fi
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# torch and torchvision as the locks pin them (the CPU image takes the same versions from
+# PyTorch's CPU index).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+lock:
+	TORCH_PINS="$(TORCH_PINS)" .ci/lock
 
 # The whole Kubeflow pipeline on this machine (kfp.local): synthetic data -> shards -> pre-training
 # (torchrun) -> fine-tuning and evaluation of every task -> report. Ends with the report's path

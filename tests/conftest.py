@@ -1,9 +1,13 @@
 import os
 import socket
+import sys
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The venv's tools first (kubectl from the test extra, soho, torchrun), also when pytest is run
+# as .venv/bin/python -m pytest without the venv activated.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 # wandb costs ~3 s a training; the tracking tests turn it on (offline) where they check it.
 os.environ["WANDB_MODE"] = "disabled"
 
@@ -86,7 +90,7 @@ def tiny_pretrained(task_shards, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pytorchjob_crd():
     """The PyTorchJob CRD of the Kubeflow training operator v1.9.0 (``shared/schemas`` beside the
-    repository): the object a cluster checks PyTorchJobs against. Skips where it is absent."""
+    repository): the object a cluster checks PyTorchJobs against. Fails where it is absent."""
     from pathlib import Path
 
     import yaml
@@ -96,4 +100,4 @@ def pytorchjob_crd():
                  Path("/work/shared/schemas") / name):
         if path.exists():
             return yaml.safe_load(path.read_text())
-    pytest.skip(f"the PyTorchJob CRD {name} is not beside the repository (shared/schemas/)")
+    pytest.fail(f"the PyTorchJob CRD {name} is not beside the repository (shared/schemas/)")

