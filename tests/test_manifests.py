@@ -109,7 +109,8 @@ def schema_errors(doc: dict, crd_validator) -> list[str]:
 
 def test_every_kustomization_is_tested():
     found = {str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml")}
-    assert found == {*KUSTOMIZATIONS, "secrets", "trainjob"}  # trainjob: tests/test_trainjob.py
+    # trainjob and trainjob/runtime: tests/test_trainjob.py
+    assert found == {*KUSTOMIZATIONS, "secrets", "trainjob", "trainjob/runtime"}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)

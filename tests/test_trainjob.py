@@ -418,3 +418,31 @@ def test_the_entry_point_splits_torchrun_options_from_soho_arguments():
         ["--nnodes=2"], ["pretrain", "-m", "x"])
     with pytest.raises(ValueError, match="-m soho_core"):
         split_argv(["--nnodes=2", "pretrain"])
+
+
+def test_soho_runtime_fails_a_usage_error_at_once_and_restarts_other_failures():
+    """manifests/trainjob/runtime: the v1 ExitCode policy, as a ClusterTrainingRuntime can state
+    it, valid against Trainer v2.3.0's CRD and in step with the launcher's exit code and node."""
+    from soho_core.launch.node import USAGE_ERROR
+
+    validator = _crd_validator("v2.3.0.trainer.kubeflow.org_clustertrainingruntimes.yaml", "clustertrainingruntimes")
+    (runtime,) = _kustomize(ROOT / "manifests" / "trainjob" / "runtime")
+    assert errors(validator, runtime) == []
+    assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
+    assert "torch" in runtime["spec"]["mlPolicy"]
+    jobset = runtime["spec"]["template"]["spec"]
+    (node,) = jobset["replicatedJobs"]
+    assert node["name"] == NODE
+    job = node["template"]["spec"]
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert [c["name"] for c in job["template"]["spec"]["containers"]] == [NODE]
+    usage, disruption = job["podFailurePolicy"]["rules"]
+    assert usage == {"action": "FailJob", "onExitCodes": {"containerName": NODE, "operator": "In",
+                                                          "values": [USAGE_ERROR]}}
+    assert disruption == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    (rule,) = jobset["failurePolicy"]["rules"]
+    assert rule["action"] == "FailJobSet" and rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    assert jobset["failurePolicy"]["maxRestarts"] >= 1
+    # The launcher names it like any runtime.
+    body = build_trainjob(_spec(), runtime=runtime["metadata"]["name"])
+    assert body["spec"]["runtimeRef"]["name"] == "soho-torch-distributed"

@@ -32,7 +32,9 @@ What v1 has and this v2 job does not (the runtime owns it, not the job):
   failure policy, and a finished TrainJob stays until deleted.
 - Restarts are torchrun's only (``--max-restarts``); which pod failures the runtime's JobSet
   retries is the runtime's failure policy, not the job's (v1's ``restartPolicy: ExitCode``). A
-  usage error still exits 2 before torchrun starts (:mod:`soho_core.launch.node`).
+  usage error still exits 2 before torchrun starts (:mod:`soho_core.launch.node`), and the
+  runtime ``soho-torch-distributed`` (``manifests/trainjob/runtime``) fails the job on it at
+  once; Trainer's own ``torch-distributed`` retries it like any failure.
 """
 
 from __future__ import annotations
