@@ -1,5 +1,6 @@
 """KFP v2 components, one file per pipeline step. Each holds only its signature and a
-docstring; the work is done by :mod:`soho_core.pipeline.steps` and :mod:`soho_core.report`.
+docstring; the work is done by :mod:`soho_core.pipeline.steps`. Shards, checkpoints and metrics
+pass between them as typed artifacts that point into the store (:func:`~soho_core.pipeline.steps.publish`).
 
 Every component runs the one image below, tagged with the package version, so a
 compiled pipeline names the image built from the same code unless it is compiled with

@@ -2,6 +2,7 @@
 -> evaluate per task -> report.
 
     soho pipeline compile --out pipeline.yaml       # upload in the Kubeflow UI
+    soho pipeline compile --out pipelines/soho.yaml  # the reviewed copy (a test compares the two)
     soho pipeline run --local --preset demo          # the same DAG on this machine (kfp.local)
 
 Its defaults run anywhere (the synthetic world, the ``demo`` preset, one CPU node); a
@@ -31,12 +32,19 @@ memory-backed ``/dev/shm`` of a bounded size for the data loader workers.
 Every pod, the training jobs' included, runs one image, chosen when the pipeline is compiled
 (:func:`build_pipeline`: by tag or by digest, with a pull policy and an optional pull Secret
 named, never its contents).
+
+Shards, checkpoints and metrics pass between the steps as typed artifacts (``Dataset``, ``Model``,
+``Metrics``; the report also as ``Markdown`` and ``HTML``), so the UI draws the lineage from the
+shards to the report. Each is a small pointer to its location in the store, written under the
+pipeline root (by default ``<store_root>/pipeline-root``, also chosen when compiling or submitting);
+the data stays where the steps wrote it (:func:`soho_core.pipeline.steps.publish`).
 """
 
 from dataclasses import dataclass
 from typing import List
 
 from kfp import dsl, kubernetes
+from kfp.dsl import Input, Model
 
 from components import IMAGE
 from components.data import data
@@ -47,8 +55,10 @@ from components.pretrain import pretrain
 from components.report import report
 from components.shard import shard
 from soho_core.launch.pytorchjob import JobSpec, check_image
+from soho_core.pipeline.runner import default_pipeline_root
 
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+STORE_ROOT = "s3://soho"  # the default store_root
 GPU = "nvidia.com/gpu"
 # The taint GKE puts on GPU nodes, a common convention elsewhere; tolerating it only permits GPU nodes.
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
@@ -121,19 +131,20 @@ def _io_step(task: dsl.PipelineTask, s3_secret, cache: bool, backoff: str, size:
 
 
 def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: str = "IfNotPresent",
-                   image_pull_secret: str = "", retry_backoff: str = "30s"):
+                   image_pull_secret: str = "", retry_backoff: str = "30s",
+                   pipeline_root: str = default_pipeline_root(STORE_ROOT)):
     """The pipeline, with at most ``parallelism`` downstream tasks at a time (0: all at once, as on
     a cluster; a local run on a few cores takes 1). Everything else is the same DAG. Every pod runs
     ``image`` (``registry/name:tag`` or ``registry/name@sha256:<digest>``), pulled with
     ``image_pull_policy`` and, when named, the Secret ``image_pull_secret``. A failed step is
     retried after ``retry_backoff``, doubled at each further try (a local run has no node to wait
-    for: ``"0s"``)."""
+    for: ``"0s"``). KFP keeps the run's artifacts under ``pipeline_root`` unless the run names another."""
     check_image(image, image_pull_policy, image_pull_secret)
     pulled = (image, image_pull_policy, image_pull_secret)
 
     @dsl.pipeline(name="soho-downstream", description="per task: shard, fine-tune, evaluate; then the report")
-    def downstream(dataset: str, pretrain_run: str, store_root: str, run_id: str, preset: str, tasks: List[str],
-                   overrides: List[str], gpus_per_node: int, cpu_per_node: str, memory_per_node: str,
+    def downstream(dataset: str, pretrain_run: Input[Model], store_root: str, run_id: str, preset: str,
+                   tasks: List[str], overrides: List[str], gpus_per_node: int, cpu_per_node: str, memory_per_node: str,
                    gpu_tolerations: list, gpu_node_selector: dict, wandb_project: str, s3_secret: str,
                    wandb_secret: str):
         # A sub-pipeline so the loop's inputs are this graph's inputs: kfp.local (2.17) replaces an
@@ -143,7 +154,7 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             _io_step(shard_task, s3_secret, cache=True, backoff=retry_backoff).set_display_name("shard")
             _image(shard_task, *pulled)
 
-            ft = finetune(task=task, preset=preset, shards=shard_task.output, init=pretrain_run,
+            ft = finetune(task=task, preset=preset, shards=shard_task.outputs["shards"], init=pretrain_run,
                           store_root=store_root, run_id=run_id, overrides=overrides, procs=gpus_per_node,
                           wandb_project=wandb_project)
             _store_access(ft, s3_secret).set_caching_options(False).set_display_name("finetune")
@@ -153,21 +164,23 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             _node_size(ft, cpu_per_node, memory_per_node, SHM_TRAIN)
             _gpus(ft, gpus_per_node, gpu_tolerations, gpu_node_selector)
 
-            ev = evaluate(task=task, checkpoint=ft.output, shards=shard_task.output, overrides=overrides)
+            ev = evaluate(task=task, checkpoint=ft.outputs["model"], shards=shard_task.outputs["shards"],
+                          overrides=overrides)
             _store_access(ev, s3_secret).set_caching_options(False).set_display_name("evaluate")
             _image(ev, *pulled)
             _retry(ev, 2, retry_backoff)
             _node_size(ev, cpu_per_node, memory_per_node, SHM_EVALUATE)  # on CPU: no GPU, no GPU tolerations
 
-        report_task = report(pretrain_run=pretrain_run, metrics_uris=dsl.Collected(ev.outputs["metrics_uri"]),
+        report_task = report(pretrain=pretrain_run, evaluations=dsl.Collected(ev.outputs["metrics"]),
                              dataset=dataset, store_root=store_root, run_id=run_id)
         _io_step(report_task, s3_secret, cache=False, backoff=retry_backoff, size=REPORT_POD).set_display_name("report")
         _image(report_task, *pulled)
 
-    @dsl.pipeline(name="soho", description="SOHO vision-language pre-training, fine-tuning on every task, report")
+    @dsl.pipeline(name="soho", description="SOHO vision-language pre-training, fine-tuning on every task, report",
+                  pipeline_root=pipeline_root)
     def soho_pipeline(
         data_source: str = "synthetic",
-        store_root: str = "s3://soho",
+        store_root: str = STORE_ROOT,
         preset: str = "demo",
         tasks: List[str] = ["vqa", "nlvr2", "retrieval", "ve"],
         nodes: int = 1,
@@ -218,13 +231,30 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             _io_step(shard_pretrain, s3_secret, cache=True, backoff=retry_backoff).set_display_name("shard pretrain")
             _image(shard_pretrain, *pulled)
 
-            pretrain_args = dict(preset=preset, shards=shard_pretrain.output, store_root=store_root, run_id=run_id,
-                                 overrides=overrides, launcher=launcher, nodes=nodes, procs_per_node=procs_per_node,
-                                 gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
+            pretrain_args = dict(preset=preset, shards=shard_pretrain.outputs["shards"], store_root=store_root,
+                                 run_id=run_id, overrides=overrides, launcher=launcher, nodes=nodes,
+                                 procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
                                  memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
                                  s3_secret=s3_secret, wandb_secret=wandb_secret, image=image,
                                  image_pull_policy=image_pull_policy, image_pull_secret=image_pull_secret,
                                  timeout_s=pretrain_timeout_s, training_runtime=training_runtime)
+
+            def then_downstream(task: dsl.PipelineTask, name: str) -> None:
+                """The pre-training step's settings, and the downstream tasks from its Model. They follow it
+                in each branch, because an artifact does not leave branches reliably through dsl.OneOf:
+                kfp.local 2.17 refuses it, KFP's backend 2.16 failed at run time (kubeflow/pipelines#13436)."""
+                _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
+                _retry(task, 2, retry_backoff)  # resumes from runs/<run id>/pretrain, or follows the job it created
+                _wandb_access(task, wandb_secret)
+                _image(task, *pulled)
+                rest = downstream(dataset=data_task.output, pretrain_run=task.outputs["model"], store_root=store_root,
+                                  run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,
+                                  gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
+                                  memory_per_node=memory_per_node, gpu_tolerations=gpu_tolerations,
+                                  gpu_node_selector=gpu_node_selector, wandb_project=wandb_project,
+                                  s3_secret=s3_secret, wandb_secret=wandb_secret)
+                rest.set_display_name("downstream tasks")
+
             # With launcher=torchrun the step's own pod trains: a training node's size, GPUs and /dev/shm.
             # Otherwise the pod only creates and watches the job (the job's nodes get the size, GPUs,
             # tolerations and node selector): a small pod.
@@ -232,21 +262,11 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
                 here = pretrain(**pretrain_args)
                 _node_size(here, cpu_per_node, memory_per_node, SHM_TRAIN)
                 _gpus(here, gpus_per_node, gpu_tolerations, gpu_node_selector)
+                then_downstream(here, "pretrain")
             with dsl.Else(name="pretrain-job"):
                 job = pretrain(**pretrain_args, tolerations=gpu_tolerations, node_selector=gpu_node_selector)
                 _size(job, WATCHER_POD)
-            for task, name in ((here, "pretrain"), (job, "pretrain (job)")):
-                _store_access(task, s3_secret).set_caching_options(False).set_display_name(name)
-                _retry(task, 2, retry_backoff)  # resumes from runs/<run id>/pretrain, or follows the job it created
-                _wandb_access(task, wandb_secret)
-                _image(task, *pulled)
-
-            rest = downstream(dataset=data_task.output, pretrain_run=dsl.OneOf(here.output, job.output),
-                              store_root=store_root, run_id=run_id, preset=preset, tasks=tasks, overrides=overrides,
-                              gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node, memory_per_node=memory_per_node,
-                              gpu_tolerations=gpu_tolerations, gpu_node_selector=gpu_node_selector,
-                              wandb_project=wandb_project, s3_secret=s3_secret, wandb_secret=wandb_secret)
-            rest.set_display_name("downstream tasks")
+                then_downstream(job, "pretrain (job)")
 
     return soho_pipeline
 

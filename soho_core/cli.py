@@ -113,6 +113,9 @@ def _add_pipeline_args(sub) -> None:
     c = pl.add_parser("compile", help="write the pipeline YAML to upload in the Kubeflow UI")
     c.add_argument("--out", default="pipeline.yaml")
     _add_image_args(c)
+    c.add_argument("--pipeline-root", default="", metavar="URI",
+                   help="where KFP keeps the runs' artifacts (s3://, gs:// or minio://; a run may name another); "
+                        "default: s3://soho/pipeline-root, under the default store_root")
     r = pl.add_parser("run", help="run the whole DAG on this machine (kfp.local, synthetic data, torchrun)")
     r.add_argument("--local", action="store_true", required=True, help="run here (the only mode; use submit for a cluster)")
     r.add_argument("--preset", default="demo", help=f"config preset ({', '.join(PRESETS)})")
@@ -134,6 +137,9 @@ def _add_pipeline_args(sub) -> None:
                    help="Kubernetes service account the run's pods use (default: the installation's runner)")
     s.add_argument("--package", help="a compiled pipeline YAML to submit instead of compiling now")
     _add_image_args(s)
+    s.add_argument("--pipeline-root", default="", metavar="URI",
+                   help="where KFP keeps this run's artifacts (s3://, gs:// or minio://); default: "
+                        "<store_root>/pipeline-root with --param store_root, else the compiled pipeline's")
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -286,7 +292,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     if args.pipeline_command == "compile":
         image = runner.PodImage(args.image, args.image_pull_policy, args.image_pull_secret)
-        print(json.dumps({"out": runner.compile_pipeline(args.out, image)}))
+        print(json.dumps({"out": runner.compile_pipeline(args.out, image, args.pipeline_root)}))
         return 0
     if args.pipeline_command == "run":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -299,7 +305,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         run_id = runner.submit(args.host, runner.parse_params(args.param), experiment=args.experiment,
                                run_name=args.run_name, namespace=args.namespace, package=args.package,
                                service_account=args.service_account,
-                               image=runner.PodImage(args.image, args.image_pull_policy, args.image_pull_secret))
+                               image=runner.PodImage(args.image, args.image_pull_policy, args.image_pull_secret),
+                               pipeline_root=args.pipeline_root)
         print(json.dumps({"host": args.host, "run_id": run_id}))
         return 0
     raise AssertionError(args)

@@ -1,11 +1,14 @@
-"""The Kubeflow pipeline: it compiles with no credential in the YAML, its DAG has the
-promised shape (fan-out, caching, retries, secrets, resources), its arguments are checked
-before work, the report reads what training and evaluation write, and the whole DAG runs
-on this machine under kfp.local."""
+"""The Kubeflow pipeline: it compiles with no credential in the YAML, to the reviewed
+pipelines/soho.yaml; its DAG has the promised shape (fan-out, caching, retries, secrets,
+resources, typed artifacts pointing into the store, the pipeline root), its arguments are
+checked before work, the report reads what training and evaluation write, and the whole DAG
+runs on this machine under kfp.local."""
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -104,27 +107,36 @@ def _executors(spec):
             if "executorLabel" in spec["components"][task["componentRef"]["name"]]}
 
 
+def _component(spec, task):
+    return spec["components"][task["componentRef"]["name"]]
+
+
 def test_dag_shape_caching_and_retries(compiled):
     _, spec, _ = compiled
     tasks = _tasks(spec)
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish"}
-    body = spec["components"][spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(body) == {"data", "shard", "condition-branches-2", "soho-downstream"}
-    # One pre-training step runs: the trainer itself (launcher=torchrun) or the job's watcher.
-    for name in ("pretrain", "pretrain-2"):
-        shards = tasks[name][0]["inputs"]["parameters"]["shards"]["componentInputParameter"]
-        assert shards == "pipelinechannel--shard-Output"
-    assert body["soho-downstream"]["inputs"]["parameters"]["pretrain_run"]["taskOutputParameter"][
-        "producerTask"] == "condition-branches-2"  # dsl.OneOf of the two
+    body = _component(spec, spec["root"]["dag"]["tasks"]["exit-handler-1"])["dag"]["tasks"]
+    assert set(body) == {"data", "shard", "condition-branches-2"}
+    # One pre-training step runs: the trainer itself (launcher=torchrun) or the job's watcher; the
+    # downstream tasks follow it in its branch, from its Model.
+    branches = _component(spec, body["condition-branches-2"])["dag"]["tasks"]
+    for branch, name in zip(sorted(branches), ("pretrain", "pretrain-2")):
+        inside = _component(spec, branches[branch])["dag"]["tasks"]
+        assert set(inside) == {name, "soho-downstream" + name.removeprefix("pretrain")}
+        shards = inside[name]["inputs"]["artifacts"]["shards"]
+        assert shards == {"componentInputArtifact": "pipelinechannel--shard-shards"}
+        rest = next(t for n, t in inside.items() if n != name)
+        assert rest["inputs"]["artifacts"]["pretrain_run"] == {
+            "taskOutputArtifact": {"outputArtifactKey": "model", "producerTask": name}}
     data_inputs = body["data"]["inputs"]["parameters"]
     assert data_inputs["source"]["componentInputParameter"] == "pipelinechannel--data_source"
     assert data_inputs["tasks"]["componentInputParameter"] == "pipelinechannel--tasks"  # what "official" downloads
     loop = next(t for ts in tasks.values() for t in ts if "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("tasks")
-    ev = tasks["evaluate"][0]["inputs"]["parameters"]
-    assert ev["checkpoint"]["taskOutputParameter"]["producerTask"] == "finetune"
-    report = tasks["report"][0]["inputs"]["parameters"]["metrics_uris"]
-    assert report["taskOutputParameter"]["producerTask"].startswith("for-loop")  # dsl.Collected
+    ev = tasks["evaluate"][0]["inputs"]["artifacts"]
+    assert ev["checkpoint"]["taskOutputArtifact"] == {"outputArtifactKey": "model", "producerTask": "finetune"}
+    report = tasks["report"][0]["inputs"]["artifacts"]["evaluations"]
+    assert report["taskOutputArtifact"]["producerTask"].startswith("for-loop")  # dsl.Collected
     # Data preparation is cached, training, evaluation and the report are not; every step retries
     # (training resumes from its checkpoint), with growing back-off.
     for name in ("data", "shard"):
@@ -137,6 +149,128 @@ def test_dag_shape_caching_and_retries(compiled):
         for t in tasks[name]:
             assert (t["retryPolicy"]["maxRetryCount"], t["retryPolicy"]["backoffDuration"],
                     t["retryPolicy"]["backoffFactor"]) == (times, "30s", 2.0), name
+
+
+# What each step takes and gives as a typed artifact (name -> schema title).
+ARTIFACTS = {
+    "shard": ({}, {"shards": "system.Dataset"}),
+    "pretrain": ({"shards": "system.Dataset"}, {"model": "system.Model"}),
+    "finetune": ({"shards": "system.Dataset", "init": "system.Model"}, {"model": "system.Model"}),
+    "evaluate": ({"checkpoint": "system.Model", "shards": "system.Dataset"}, {"metrics": "system.Metrics"}),
+    "report": ({"pretrain": "system.Model", "evaluations": "system.Metrics"},
+               {"markdown": "system.Markdown", "html": "system.HTML", "metrics": "system.Metrics"}),
+}
+
+
+def test_artifacts_are_typed_and_kept_under_the_pipeline_root_in_the_store(compiled):
+    """Shards, checkpoints and metrics pass as Dataset, Model and Metrics artifacts, the report
+    also as Markdown and HTML, so the UI draws the lineage from shards to report; only the dataset
+    URI still passes as a string. KFP keeps the artifacts under <store_root>/pipeline-root."""
+    _, spec, _ = compiled
+    store_root = runner.pipeline_parameters()["store_root"]
+    assert spec["defaultPipelineRoot"] == runner.default_pipeline_root(store_root) == "s3://soho/pipeline-root"
+    seen = set()
+    for name, comp in spec["components"].items():
+        step = name.removeprefix("comp-").rstrip("-0123456789")
+        if "executorLabel" not in comp or step not in ARTIFACTS:
+            continue
+        seen.add(step)
+        for kind, expected in zip(("inputDefinitions", "outputDefinitions"), ARTIFACTS[step]):
+            got = {k: v["artifactType"]["schemaTitle"] for k, v in comp.get(kind, {}).get("artifacts", {}).items()}
+            assert got == expected, (name, kind)
+        if step == "report":
+            assert comp["inputDefinitions"]["artifacts"]["evaluations"]["isArtifactList"]  # dsl.Collected
+    assert seen == set(ARTIFACTS)
+    producers = {spec_["taskOutputParameter"]["producerTask"] for ts in _tasks(spec).values() for t in ts
+                 for spec_ in t.get("inputs", {}).get("parameters", {}).values() if "taskOutputParameter" in spec_}
+    assert producers == {"data"}
+
+
+def test_the_pipeline_root_is_chosen_when_compiling(tmp_path, capsys):
+    from soho_core.cli import main
+
+    out = tmp_path / "pipeline.yaml"
+    assert main(["pipeline", "compile", "--out", str(out), "--pipeline-root", "minio://mlpipeline/v2/artifacts"]) == 0
+    assert next(yaml.safe_load_all(out.read_text()))["defaultPipelineRoot"] == "minio://mlpipeline/v2/artifacts"
+    assert main(["pipeline", "compile", "--out", str(out), "--pipeline-root", str(tmp_path / "root")]) == 2
+    assert "KFP keeps artifacts only under s3://, gs://, minio:// URIs" in capsys.readouterr().err
+
+
+def test_the_reviewed_yaml_is_what_the_pipeline_compiles_to(compiled):
+    """pipelines/soho.yaml is checked in so that every change to the DAG shows in review."""
+    reviewed = Path(__file__).resolve().parents[1] / "pipelines" / "soho.yaml"
+    assert reviewed.exists() and compiled[0] == reviewed.read_text(), (
+        "pipelines/soho.yaml differs from the compiled pipeline: regenerate it with "
+        "`soho pipeline compile --out pipelines/soho.yaml` and review the diff")
+
+
+def test_an_artifact_points_into_the_store(tmp_path):
+    """publish() writes a pointer in KFP's own file of the artifact (and, but for Metrics, its
+    metadata); location() reads it back in the consuming step. Nothing is copied."""
+    from kfp.dsl import Dataset, Metrics
+
+    shards = Dataset(name="shards", uri=str(tmp_path / "kfp" / "shard" / "shards"))
+    steps.publish(shards, "s3://soho/shards/world", task="vqa")
+    assert shards.metadata == {"uri": "s3://soho/shards/world", "task": "vqa"}
+    assert json.loads(Path(shards.path).read_text()) == shards.metadata
+    assert steps.location(Dataset(name="shards", uri=shards.uri)) == "s3://soho/shards/world"
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "kfp" / "evaluate" / "metrics"))
+    metrics.log_metric("vqa/vqa_score", 0.5)
+    steps.publish(metrics, "s3://soho/runs/1/vqa/metrics.json")
+    assert metrics.metadata == {"vqa/vqa_score": 0.5}  # the UI's table of metrics stays numbers
+    assert steps.location(metrics) == "s3://soho/runs/1/vqa/metrics.json"
+    with pytest.raises(ValueError, match="'model' .* names no location in the store"):
+        steps.location(Dataset(name="model", uri=str(tmp_path / "nothing")))
+
+
+def _no_credentials(monkeypatch, tmp_path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_the_report_step_checks_the_store_before_work(tmp_path, monkeypatch):
+    """Like every other step, the report ends with one line when the store cannot be used."""
+    _no_credentials(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        steps.report(str(tmp_path), [], "", "s3://soho-store/soho", "run-1")
+    assert str(exc.value).startswith("soho: error: no S3 credentials for s3://soho-store/soho: set AWS_ACCESS_KEY_ID")
+
+
+@pytest.mark.slow
+def test_the_report_component_logs_one_line(s3_server, tmp_path):
+    """The report component's own container command (the one its pod runs), its input artifacts
+    written by publish(), into a missing bucket: one line on stderr, no traceback."""
+    from kfp.dsl import Metrics, Model
+
+    from components.report import report
+
+    inputs = {}
+    for name, cls, uri in (("pretrain", Model, str(tmp_path / "pretrain")),
+                           ("evaluations", Metrics, str(tmp_path / "vqa" / "metrics.json"))):
+        artifact = cls(name=name, uri=str(tmp_path / "kfp" / name))
+        steps.publish(artifact, uri)
+        inputs[name] = {"artifacts": [{"name": name, "uri": artifact.uri, "metadata": artifact.metadata,
+                                       "type": {"schemaTitle": cls.schema_title}}]}
+    outputs = {name: {"artifacts": [{"name": name, "uri": str(tmp_path / "out" / name),
+                                     "type": {"schemaTitle": f"system.{kind}"}}]}
+               for name, kind in (("markdown", "Markdown"), ("html", "HTML"), ("metrics", "Metrics"))}
+    executor_input = {"inputs": {"parameterValues": {"dataset": "", "store_root": "s3://no-such-bucket",
+                                                     "run_id": "run-1"}, "artifacts": inputs},
+                      "outputs": {"artifacts": outputs, "parameters": {"Output": {"outputFile": str(tmp_path / "o")}},
+                                  "outputFile": str(tmp_path / "executor_output.json")}}
+    container = report.component_spec.implementation.container
+    args = [json.dumps(executor_input) if a == "{{$}}" else a for a in container.args]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([*container.command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"soho: error: S3 bucket 'no-such-bucket' does not exist at {s3_server} (in s3://no-such-bucket): create it, "
+        f"or fix the URI or AWS_ENDPOINT_URL (on a cluster: in the Secret soho-s3)"]
 
 
 def test_the_exit_handler_follows_the_whole_run_and_knows_its_job(compiled):
@@ -272,7 +406,15 @@ def test_submit_builds_the_client_call(tmp_path):
     kind, func, kw = client.calls[0]
     assert kind == "func" and func.name == "soho"
     assert kw["arguments"] == params and kw["run_name"] == "r" and kw["experiment_name"] == "soho"
+    # The run's artifacts go under its store_root; a package without one keeps its compiled root.
+    assert kw["pipeline_root"] == "s3://soho/pipeline-root" == func.pipeline_spec.default_pipeline_root
     assert runner.submit("http://kfp:8888", {}, package=str(tmp_path / "p.yaml"), client=client) == "run-2"
+    assert client.calls[-1][2]["pipeline_root"] is None
+    runner.submit("http://kfp:8888", params, package=str(tmp_path / "p.yaml"), client=client,
+                  pipeline_root="minio://mlpipeline/v2/artifacts")
+    assert client.calls[-1][2]["pipeline_root"] == "minio://mlpipeline/v2/artifacts"
+    with pytest.raises(ValueError, match="pipeline root '/data/soho/pipeline-root'"):
+        runner.submit("http://kfp:8888", {"store_root": "/data/soho"}, client=client)
     with pytest.raises(ValueError, match="kfp.example.com"):
         runner.submit("kfp.example.com", {}, client=client)
 
@@ -326,6 +468,10 @@ def test_report_compares_with_the_previous_run(tmp_path, synthetic_dir):
         assert (tmp_path / "r1" / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"]({png})" in first.markdown
     assert "what color is it" in first.markdown and "data:image/png;base64," in first.markdown_inline
+    # The same report as one HTML page (the UI's HTML artifact), every plot inside it.
+    assert first.html.startswith("<!DOCTYPE html>") and "<td>what color is it</td>" in first.html
+    assert first.html.count('src="data:image/png;base64,') == first.markdown.count("](") == len(first.images)
+    assert "<h2>Pre-training</h2>" in first.html and "<table>" in first.html
 
     second = write_report(str(tmp_path / "r2"), str(pre), [_metrics_file(tmp_path / "vqa2", "vqa", 0.75),
                                                           _metrics_file(tmp_path / "ve2", "ve", 0.3)],
@@ -360,15 +506,25 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     steps_logged = [json.loads(l)["step"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [2, 4]
     assert (report.parent / "pretrain_loss.png").exists()
-    # KFP's own outputs: the evaluation Metrics and the Markdown artifact the UI renders.
+    # KFP's own outputs: the evaluation Metrics, the Markdown and HTML artifacts the UI renders, and
+    # the artifacts of shards and checkpoints, each pointing at its place in the store.
     kfp_root = work / "kfp"
     logged = {}
     for path in kfp_root.rglob("executor_output.json"):
         for art in json.loads(path.read_text()).get("artifacts", {}).get("metrics", {}).get("artifacts", []):
             logged.update(art.get("metadata", {}))
     assert {"vqa/vqa_score", "nlvr2/accuracy"} <= set(logged)
+    pointers = {}
+    for path in kfp_root.rglob("*"):
+        if path.name in ("shards", "model", "metrics") and path.is_file():
+            pointers.setdefault(path.name, set()).add(json.loads(path.read_text())["uri"])
+    (shard_root,) = (work / "store" / "shards").iterdir()
+    assert pointers == {"shards": {str(shard_root)}, "model": {str(run / t) for t in ("pretrain", "vqa", "nlvr2")},
+                        "metrics": {str(run / t / "metrics.json") for t in ("vqa", "nlvr2")}}
     (md,) = [p for p in kfp_root.rglob("markdown") if p.is_file()]
     assert md.read_text().startswith("# SOHO pipeline report")
+    (page,) = [p for p in kfp_root.rglob("html") if p.is_file()]
+    assert "<h1>SOHO pipeline report</h1>" in page.read_text() and 'src="data:image/png;base64,' in page.read_text()
     # The exit handler recorded how the run ended.
     status = json.loads((run / "status.json").read_text())
     assert (status["state"], status["report"], status["deleted_jobs"]) == ("SUCCEEDED", str(report), [])

@@ -1,8 +1,12 @@
 """Compile, run locally, and submit the pipeline (``soho pipeline compile|run|submit``).
 
     soho pipeline compile --out pipeline.yaml [--image REF] [--image-pull-policy P] [--image-pull-secret NAME]
+                          [--pipeline-root URI]
     soho pipeline run --local --preset demo --work-dir demo-out [--set train.max_steps=100]
     soho pipeline submit --host https://kubeflow.example.com/pipeline --param store_root=s3://soho
+
+The compiled pipeline in ``pipelines/soho.yaml`` is what ``soho pipeline compile --out
+pipelines/soho.yaml`` writes with no other option (a test keeps the two equal).
 
 The DAG itself is :func:`pipelines.soho.soho_pipeline` (its components in ``components/``).
 This is the one place the library reaches up to them, and only when a ``pipeline``
@@ -37,6 +41,25 @@ LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+PIPELINE_ROOT = "pipeline-root"  # the folder of the store where KFP keeps its artifacts by default
+# The schemes KFP's launcher reads and writes artifacts in (v2 backend: LocalPathForURI).
+PIPELINE_ROOT_SCHEMES = ("s3://", "gs://", "minio://")
+
+
+def default_pipeline_root(store_root: str) -> str:
+    """Where KFP keeps a run's artifacts (small pointers into the store) unless told otherwise."""
+    return storage.join(store_root, PIPELINE_ROOT)
+
+
+def check_pipeline_root(root: str) -> str:
+    """``root`` if KFP's launcher can keep artifacts there, else a ValueError that says what to pass."""
+    if not root.startswith(PIPELINE_ROOT_SCHEMES):
+        raise ValueError(f"pipeline root {root!r}: KFP keeps artifacts only under "
+                         f"{', '.join(PIPELINE_ROOT_SCHEMES)} URIs; pass --pipeline-root "
+                         f"(e.g. s3://bucket/pipeline-root)")
+    return root
+
+
 @dataclass(frozen=True)
 class PodImage:
     """The image every pod of a compiled pipeline runs: ``ref`` by tag or by digest (empty: the
@@ -47,15 +70,18 @@ class PodImage:
     pull_secret: str = ""
 
 
-def _pipeline_func(parallelism: int = 0, image: PodImage = PodImage(), retry_backoff: str = "30s"):
+def _pipeline_func(parallelism: int = 0, image: PodImage = PodImage(), retry_backoff: str = "30s",
+                   pipeline_root: str = ""):
     try:
         from pipelines.soho import build_pipeline
     except ImportError as err:
         raise ImportError(f"the pipeline needs the `pipeline` extra and the packaged pipelines/ and components/ "
                           f"(pip install 'soho-kubeflow[pipeline]'): {err}") from err
-    ref = {"image": image.ref} if image.ref else {}
+    chosen = {"image": image.ref} if image.ref else {}
+    if pipeline_root:
+        chosen["pipeline_root"] = check_pipeline_root(pipeline_root)
     return build_pipeline(parallelism, image_pull_policy=image.pull_policy, image_pull_secret=image.pull_secret,
-                          retry_backoff=retry_backoff, **ref)
+                          retry_backoff=retry_backoff, **chosen)
 
 
 def pipeline_parameters() -> dict[str, Any]:
@@ -99,13 +125,41 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def compile_pipeline(out: str, image: PodImage = PodImage()) -> str:
-    """Write the pipeline YAML users upload in the Kubeflow UI, its pods running ``image``; returns its path."""
+def compile_pipeline(out: str, image: PodImage = PodImage(), pipeline_root: str = "") -> str:
+    """Write the pipeline YAML users upload in the Kubeflow UI, its pods running ``image``, its
+    artifacts under ``pipeline_root`` (default: :func:`default_pipeline_root` of the default
+    ``store_root``); returns its path. The same code and options write the same bytes."""
     from kfp import compiler
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    compiler.Compiler().compile(_pipeline_func(image=image), out)
+    compiler.Compiler().compile(_pipeline_func(image=image, pipeline_root=pipeline_root), out)
+    with open(out) as f:
+        text = f.read()
+    with open(out, "w") as f:
+        f.write(_sorted_header_defaults(text))
     return out
+
+
+def _sorted_header_defaults(text: str) -> str:
+    """The compiled YAML with the dict defaults of its header comment in sorted key order. kfp
+    prints them in protobuf map order, which follows Python's hash seed, so the same pipeline would
+    compile to different bytes from one process to the next (the YAML body is sorted already)."""
+    import ast
+    import re
+
+    def ordered(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ordered(value[k]) for k in sorted(value)}
+        return [ordered(v) for v in value] if isinstance(value, list) else value
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        default = re.fullmatch(r"(#\s+\w+: \w+ \[Default: )([\[{].*)\]", line)
+        if default:
+            lines[i] = default.group(1) + repr(ordered(ast.literal_eval(default.group(2)))) + "]"
+    return "\n".join(lines)
 
 
 @dataclass
@@ -180,9 +234,13 @@ def _finished_runs(store_root: str) -> set[str]:
 
 def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "soho", run_name: str = "",
            namespace: str | None = None, package: str | None = None, client=None,
-           service_account: str | None = None, image: PodImage = PodImage()) -> str:
+           service_account: str | None = None, image: PodImage = PodImage(), pipeline_root: str = "") -> str:
     """Submit a run through ``kfp.Client`` (the pipeline compiled on the fly with ``image``, or
     ``package``); returns the run id. Credentials for the KFP API come from kfp's own configuration.
+
+    The run keeps its artifacts under ``pipeline_root``; without one, under the ``store_root``
+    parameter's :func:`default_pipeline_root` when ``params`` name it, else where the pipeline
+    (or ``package``) was compiled to.
 
     ``namespace`` is the Kubeflow profile namespace the run goes to (multi-user installs);
     ``service_account`` the Kubernetes account its pods run as (else the installation's
@@ -193,15 +251,19 @@ def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "s
         raise ValueError(f"--host {host!r} is not an http(s) URL of the Kubeflow Pipelines API")
     if package and image != PodImage():
         raise ValueError(f"the image settings apply when the pipeline is compiled, not to the compiled {package}")
-    client = client or kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     arguments = dict(params or {})
+    if not pipeline_root and "store_root" in arguments:
+        pipeline_root = default_pipeline_root(arguments["store_root"])
+    if pipeline_root:
+        check_pipeline_root(pipeline_root)
+    client = client or kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     name = run_name or f"soho-{time.strftime('%Y%m%d-%H%M%S')}"
     common = dict(arguments=arguments, run_name=name, experiment_name=experiment, namespace=namespace,
-                  service_account=service_account or None)
+                  service_account=service_account or None, pipeline_root=pipeline_root or None)
     if package:
         run = client.create_run_from_pipeline_package(package, **common)
     else:
-        run = client.create_run_from_pipeline_func(_pipeline_func(image=image), **common)
+        run = client.create_run_from_pipeline_func(_pipeline_func(image=image, pipeline_root=pipeline_root), **common)
     return run.run_id
 
 

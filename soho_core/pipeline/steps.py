@@ -5,7 +5,7 @@
     pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob"|"trainjob", ...)
     finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
     evaluate  evaluate(task, checkpoint, shards, overrides)  -> metrics.json contents (+ its URI)
-    report    soho_core.report.write_report(...)
+    report    report(pretrain_run, metrics_uris, dataset, store_root, run_id) -> soho_core.report.Report
     finish    finish_run(store_root, run_id, state, ...)     -> runs/<run id>/status.json (the exit handler)
 
 Every location is a URI under ``store_root`` (a local folder or ``s3://...``): datasets and
@@ -19,6 +19,11 @@ Each step first checks the store (:func:`soho_core.storage.check_access`): witho
 with a wrong endpoint, refused access or a missing bucket it ends with one ``soho: error: ...``
 line in its log, not a traceback.
 
+Shards, checkpoints and metrics travel between the components as typed KFP artifacts (``Dataset``,
+``Model``, ``Metrics``) so the Kubeflow UI draws their lineage; the data never moves. Each artifact is
+a pointer (:func:`publish`, :func:`location`): KFP's own small file under the pipeline root naming the
+location in the store.
+
 The run id is also the wandb group (``WANDB_RUN_GROUP``, with ``WANDB_PROJECT`` and
 ``SOHO_PIPELINE_RUN_ID``), set in the training processes' environment.
 """
@@ -27,10 +32,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from soho_core import storage
+
+if TYPE_CHECKING:
+    from soho_core.report import Report
 
 LAUNCHERS = ("torchrun", "pytorchjob", "trainjob")
 PRETRAIN_JOB = "soho-pretrain"  # the pre-training job is named PRETRAIN_JOB-<run id>
@@ -62,6 +71,33 @@ def _check_store(reads: Sequence[str], writes: Sequence[str]) -> None:
 def _check_task(task: str, valid: Sequence[str]) -> None:
     if task not in valid:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(valid)}")
+
+
+def publish(artifact: Any, uri: str, **facts: str) -> None:
+    """Make a KFP output artifact stand for ``uri`` in the store, copying nothing: its file holds
+    ``{"uri": uri, **facts}``, and a Dataset's or Model's metadata too, for the UI (a Metrics
+    artifact's metadata is its table of metrics).
+
+    The artifact keeps the URI KFP gave it (under the pipeline root) rather than taking ``uri``:
+    KFP's launcher (2.x) fails a step whose output artifact left the run's folder under the
+    pipeline root ("does not have expected bucket prefix"), and it copies every input artifact
+    into the consuming pod, which for shards or checkpoints would be the whole dataset or run.
+    ``kfp.local`` would accept either; this way both run the same code."""
+    record = {"uri": uri, **facts}
+    os.makedirs(os.path.dirname(artifact.path), exist_ok=True)
+    with open(artifact.path, "w") as f:
+        json.dump(record, f)
+    if artifact.schema_title != "system.Metrics":
+        artifact.metadata.update(record)
+
+
+def location(artifact: Any) -> str:
+    """The store location an input artifact written by :func:`publish` stands for."""
+    try:
+        with open(artifact.path) as f:
+            return json.load(f)["uri"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"artifact {artifact.name!r} ({artifact.uri}) names no location in the store: {err}") from None
 
 
 def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int) -> str:
@@ -292,6 +328,18 @@ def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] =
                             overrides=evaluation_overrides(overrides))
     print(json.dumps(report), flush=True)
     return out, report
+
+
+@_storage_errors_in_one_line
+def report(pretrain_run: str, metrics_uris: Sequence[str], dataset: str, store_root: str, run_id: str) -> Report:
+    """The report step: ``runs/<run_id>/report/`` (report.md, its plots, summary.json), compared with
+    the previous run recorded at ``store_root/reports/latest.json``, which then records this one.
+    Returns the report (with the Markdown and HTML the UI shows)."""
+    from soho_core.report import write_report
+
+    _check_store([pretrain_run, *metrics_uris, *([dataset] if dataset else [])], [store_root])
+    return write_report(run_uri(store_root, run_id, "report"), pretrain_run, metrics_uris, dataset=dataset,
+                        run_id=run_id, history_uri=storage.join(store_root, "reports", "latest.json"))
 
 
 def status_uri(store_root: str, run_id: str) -> str:
