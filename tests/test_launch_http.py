@@ -164,6 +164,25 @@ def test_a_retried_step_adopts_the_job_already_there(api_server):
     assert lines[0] == f"PyTorchJob {NS}/soho-pretrain-run1 already exists: following it (a retried step)"
 
 
+def test_a_retried_step_replaces_a_job_that_already_failed(api_server):
+    """Following a failed job would fail the retry at once: it is deleted and created again (the
+    training resumes from its latest checkpoint under the same --out)."""
+    custom, _ = clients(api_server)
+    body = build_pytorchjob(_spec())
+    group, version, plural = resource("PyTorchJob")
+    earlier = {**body, "metadata": {**body["metadata"], "labels": {**body["metadata"]["labels"], "try": "1"}}}
+    custom.create_namespaced_custom_object(group, version, NS, plural, earlier)
+    custom.patch_namespaced_custom_object_status(group, version, NS, plural, body["metadata"]["name"], {
+        "status": {"conditions": [cond("Created"), cond("Failed", "PyTorchJobFailed", "backoff limit")]}})
+    Controller(api_server, body, PYTORCHJOB_SCRIPT).start()
+    lines = []
+    assert run_job(custom, body, timeout_s=30, poll_s=0.05, log=lines.append).phase == "Succeeded"
+    assert lines[:3] == [
+        f"PyTorchJob {NS}/soho-pretrain-run1 exists and has failed: deleting it to start again from its latest "
+        "checkpoint", f"deleted PyTorchJob {NS}/soho-pretrain-run1", f"created PyTorchJob {NS}/soho-pretrain-run1"]
+    assert "try" not in _stored(custom, body)["metadata"]["labels"], "a new job, not the failed one"
+
+
 def test_timeout_deletes_the_job(api_server):
     custom, _ = clients(api_server)
     body = build_pytorchjob(_spec())

@@ -113,24 +113,55 @@ def _status_code(err: Exception) -> int | None:
     return getattr(err, "status", None)
 
 
-def create_or_adopt(api, body: dict[str, Any], log: Callable[[str], None] = print) -> None:
+def create_or_adopt(api, body: dict[str, Any], log: Callable[[str], None] = print,
+                    sleep: Callable[[float], None] = time.sleep, gone_timeout_s: float = 300.0) -> None:
     """Create the job; if one of the same name exists (409), adopt it: the step was retried and
-    the training resumes from its own checkpoints, so starting a second copy would only compete."""
+    the training resumes from its own checkpoints, so starting a second copy would only compete.
+    A job that already failed is not adopted (following it would fail the retry at once): it is
+    deleted, and the job created again resumes from the latest checkpoint under the same --out."""
     ns, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
     group, version, plural = resource(kind)
-    try:
-        api.create_namespaced_custom_object(group, version, ns, plural, body)
-        log(f"created {kind} {ns}/{name}")
-    except Exception as err:  # kubernetes.client.ApiException carries .status
-        if _status_code(err) == 403:
-            raise JobError(
-                f"not allowed to create {kind} {ns}/{name} ({plural}.{group}): bind the Role {LAUNCHER_ROLE} "
-                f"(manifests/base/rbac.yaml) in namespace {ns} to the service account this step runs as, e.g. "
-                f"kubectl -n {ns} create rolebinding soho-kfp-runner --role={LAUNCHER_ROLE} "
-                f"--serviceaccount=NAMESPACE:ACCOUNT") from err
-        if _status_code(err) != 409:
-            raise
+    for attempt in range(2):
+        try:
+            api.create_namespaced_custom_object(group, version, ns, plural, body)
+            log(f"created {kind} {ns}/{name}")
+            return
+        except Exception as err:  # kubernetes.client.ApiException carries .status
+            if _status_code(err) == 403:
+                raise JobError(
+                    f"not allowed to create {kind} {ns}/{name} ({plural}.{group}): bind the Role {LAUNCHER_ROLE} "
+                    f"(manifests/base/rbac.yaml) in namespace {ns} to the service account this step runs as, e.g. "
+                    f"kubectl -n {ns} create rolebinding soho-kfp-runner --role={LAUNCHER_ROLE} "
+                    f"--serviceaccount=NAMESPACE:ACCOUNT") from err
+            if _status_code(err) != 409:
+                raise
+        existing = _get(api, group, version, ns, plural, name)
+        if attempt == 0 and existing is not None and job_state(existing).phase == "Failed":
+            log(f"{kind} {ns}/{name} exists and has failed: deleting it to start again from its latest checkpoint")
+            delete_job(api, ns, name, log, kind=kind)
+            _wait_gone(api, group, version, ns, plural, name, gone_timeout_s, sleep)
+            continue
         log(f"{kind} {ns}/{name} already exists: following it (a retried step)")
+        return
+
+
+def _get(api, group: str, version: str, ns: str, plural: str, name: str) -> dict | None:
+    try:
+        return api.get_namespaced_custom_object(group, version, ns, plural, name)
+    except Exception as err:
+        if _status_code(err) == 404:
+            return None
+        raise
+
+
+def _wait_gone(api, group: str, version: str, ns: str, plural: str, name: str, timeout_s: float,
+               sleep: Callable[[float], None], poll_s: float = 1.0) -> None:
+    """Wait until a deleted job is gone (foreground deletion removes its pods first)."""
+    for _ in range(max(1, int(timeout_s / poll_s))):
+        if _get(api, group, version, ns, plural, name) is None:
+            return
+        sleep(poll_s)
+    raise JobError(f"{plural}.{group} {ns}/{name} was deleted but is still there after {timeout_s:.0f} s")
 
 
 def delete_job(api, namespace: str, name: str, log: Callable[[str], None] = print,
@@ -307,7 +338,7 @@ def run_job(api, body: dict[str, Any], timeout_s: float, poll_s: float = 10.0,
         logs = (PodLogFollower(core_api, ns, selector=first_node_selector(name), log=log) if kind == trainjob.KIND
                 else PodLogFollower(core_api, ns, master_pod(name), log))
     with _sigterm_as_cancel():
-        create_or_adopt(api, body, log)
+        create_or_adopt(api, body, log, sleep=sleep)
         try:
             return watch_job(api, ns, name, timeout_s, poll_s, log, clock, sleep, logs=logs, kind=kind)
         except (JobTimeout, JobCancelled, KeyboardInterrupt):
