@@ -13,6 +13,7 @@ from soho_core.data.loader import read_records
 from soho_core.data.shards import ShardSink, write_index
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.data.transforms import pad_batch
+from soho_core.pipeline.runner import format_summary
 from soho_core.report import write_report
 from soho_core.tasks.base import evaluate_classifier
 from soho_core.tasks.baselines import GREY, MajorityPrior, constant_images, majority_answer, text_type, train_prior
@@ -220,9 +221,13 @@ def test_report_shows_each_metric_against_its_blind_baselines(tmp_path):
     assert (tmp_path / "r" / "baselines.png").read_bytes()[:4] == b"\x89PNG" and "](baselines.png)" in md
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["metrics"]["vqa"]["baselines"]["blind_model"]["vqa_score"] == 0.5
+    # What `make demo` prints at the end carries the same row.
+    printed = format_summary(summary)
+    assert "against blind baselines" in printed and "| vqa | vqa_score | 0.6000 | 0.4500 | 0.5000 | +0.1000 |" in printed
 
     md = write_report(str(tmp_path / "r2"), str(pre), [old]).markdown
     assert "blind baselines" not in md and not (tmp_path / "r2" / "baselines.png").exists()
+    assert "blind" not in format_summary(json.loads((tmp_path / "r2" / "summary.json").read_text()))
 
 
 def test_the_prior_reads_train_records_from_s3_as_from_a_local_store(s3_server, synthetic_dir, task_shards):

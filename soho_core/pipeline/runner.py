@@ -268,8 +268,13 @@ def submit(host: str, params: dict[str, Any] | None = None, experiment: str = "s
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """One line per task: its primary metric (what `make demo` prints at the end)."""
-    from soho_core.report import metrics_table
+    """What `make demo` prints at the end: one line per task with its primary metric, then each
+    task's metric next to its blind baselines (the same test split answered without the image)
+    and the gain, so the share that comes from the image shows at once."""
+    from soho_core.report import baselines_table, metrics_table
 
-    return metrics_table(summary)
+    baselines = baselines_table(summary)
+    if not baselines:
+        return metrics_table(summary)
+    return f"{metrics_table(summary)}\n\nagainst blind baselines (the test split without the image):\n{baselines}"
 
