@@ -39,7 +39,7 @@ start=$(date +%s)
 if docker info >/dev/null 2>&1; then
   echo "docker/build.sh: building $image with docker over $base"
   DOCKER_BUILDKIT=1 docker build "${args[@]}" --build-arg "BASE_IMAGE=$base" .
-  size=$(( $(docker image inspect -f '{{.Size}}' "$image") / 1000000 )) MB
+  size="$(( $(docker image inspect -f '{{.Size}}' "$image") / 1000000 )) MB"
 elif command -v buildah >/dev/null; then
   if [ -z "${BASE_IMAGE:-}" ] && ! buildah inspect --type image "$base" >/dev/null 2>&1 \
      && ! buildah pull -q "docker.io/library/$base" >/dev/null 2>&1; then
@@ -54,3 +54,4 @@ else
   exit 1
 fi
 echo "docker/build.sh: built $image in $(( $(date +%s) - start )) s, $size"
+echo "docker/build.sh: earlier builds' layers stay as a cache; \`buildah rmi --prune\` (or \`docker image prune\`) frees them"

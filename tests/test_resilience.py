@@ -299,3 +299,35 @@ def test_a_training_stream_whose_shards_all_vanish_fails_instead_of_spinning(sha
         for _ in range(10_000):
             next(batches)
     assert time.monotonic() - started < 30
+
+
+def test_a_replaced_node_meets_the_others_in_the_trainers_store(monkeypatch):
+    """With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (every training pod's setting) rank 0's trainer
+    hosts a fresh store each round. A replaced pod counts its restarts from 0 while the others are
+    at 1: their keys must still meet (tests/image/test_pods.py runs this with real pods). Under
+    the agent's shared store (local torchrun) each attempt keeps its own prefix."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from conftest import free_port
+    from soho_core.train.distributed import _attempt_store
+
+    timeout = timedelta(seconds=3)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with ThreadPoolExecutor(1) as pool:  # the host waits for both ranks to connect
+        hosting = pool.submit(_attempt_store, 0, 2, attempt=1, timeout=timeout)
+        replaced = _attempt_store(1, 2, attempt=0, timeout=timeout)
+        survivor = hosting.result()
+    survivor.set("gloo/rank0", "here")
+    assert replaced.get("gloo/rank0") == b"here"
+
+    agent = dist.TCPStore("127.0.0.1", free_port(), 2, is_master=True, timeout=timeout, multi_tenant=True,
+                          wait_for_workers=False)
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    _attempt_store(0, 2, attempt=2, timeout=timeout).set("gloo/rank0", "attempt 2")
+    assert agent.get("soho/attempt-2/gloo/rank0") == b"attempt 2"

@@ -185,3 +185,19 @@ def test_a_pipeline_step_logs_one_line(s3_server, tmp_path):
     assert _one_line(done.stderr) == (f"soho: error: S3 bucket 'no-such-bucket' does not exist at {s3_server} (in "
                                       f"s3://no-such-bucket): create it, or fix the URI or AWS_ENDPOINT_URL (on a "
                                       f"cluster: in the Secret soho-s3)")
+
+
+def test_only_rank_0_of_a_torchrun_group_checks_the_store(s3_server, monkeypatch, tmp_path, capsys):
+    """Every process of a torchrun group runs the CLI; its launcher checked the store already, and
+    one probe per group is enough: ranks above 0 skip it (and meet a missing bucket later)."""
+    checked: list[str] = []
+    monkeypatch.setattr(storage, "check_access", lambda uri, write=False: checked.append(uri))
+    args = ["data", "shard", "--source", "synthetic", "--input", str(tmp_path / "nothing"),
+            "--out", "s3://soho/shards"]
+    monkeypatch.setenv("RANK", "1")
+    main(args)
+    assert checked == []
+    monkeypatch.setenv("RANK", "0")
+    main(args)
+    assert checked == [str(tmp_path / "nothing"), "s3://soho/shards"]
+    capsys.readouterr()

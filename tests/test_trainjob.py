@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 from kubernetes.client import ApiException
-from kube_helpers import FakeClock, strict_schema
+from kube_helpers import FakeClock, kustomize, strict_schema
 
 from soho_core.launch import soho_args
 from soho_core.launch.pytorchjob import NODE_ENV, JobSpec
@@ -330,22 +330,12 @@ def test_exit_handler_deletes_a_trainjob_still_running(monkeypatch, tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _kustomize(path: Path) -> list[dict]:
-    import shutil
-
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl renders the manifests (the test extra installs it)"
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 def test_trainjob_manifest_validates_and_runs_the_launchers_job(trainjob_validator):
     import components
     from soho_core import cli
     from soho_core.config import PRESETS, load_config
 
-    (job,) = _kustomize(ROOT / "manifests" / "trainjob")
+    (job,) = kustomize(ROOT / "manifests" / "trainjob")
     assert errors(trainjob_validator, job) == []
     assert job["kind"] == "TrainJob" and job["metadata"]["namespace"] == "soho"
     trainer = job["spec"]["trainer"]
@@ -355,7 +345,7 @@ def test_trainjob_manifest_validates_and_runs_the_launchers_job(trainjob_validat
     # The command is the launcher's: torchrun with its restart budget only, then `soho pretrain`.
     command = trainer["command"]
     assert command[: command.index("soho_core") + 1] == trainjob_command(_spec(soho_args=["x"]))[:-1]
-    config = next(d for d in _kustomize(ROOT / "manifests" / "base") if d["kind"] == "ConfigMap")["data"]
+    config = next(d for d in kustomize(ROOT / "manifests" / "base") if d["kind"] == "ConfigMap")["data"]
     env = {e["name"]: e for e in trainer["env"]}
     referenced = {v for arg in command for v in re.findall(r"\$\((\w+)\)", arg)}
     assert referenced <= set(env)  # every $(VAR) resolves
@@ -426,7 +416,7 @@ def test_soho_runtime_fails_a_usage_error_at_once_and_restarts_other_failures():
     from soho_core.launch.node import USAGE_ERROR
 
     validator = _crd_validator("v2.3.0.trainer.kubeflow.org_clustertrainingruntimes.yaml", "clustertrainingruntimes")
-    (runtime,) = _kustomize(ROOT / "manifests" / "trainjob" / "runtime")
+    (runtime,) = kustomize(ROOT / "manifests" / "trainjob" / "runtime")
     assert errors(validator, runtime) == []
     assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
     assert "torch" in runtime["spec"]["mlPolicy"]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from soho_core.storage import S3_SECRET
+
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the training operator finds the training container by this name
 ENTRY = "soho_core.launch.node"  # checks the soho arguments, then execs torch.distributed.run
@@ -68,7 +70,7 @@ class JobSpec:
     cpu_per_node: str = "4"
     memory_per_node: str = "16Gi"
     shm_size: str = "8Gi"
-    s3_secret: str = "soho-s3"
+    s3_secret: str = S3_SECRET
     wandb_secret: str = "soho-wandb"
     env: dict[str, str] = field(default_factory=dict)
     service_account: str = ""

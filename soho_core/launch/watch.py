@@ -183,12 +183,9 @@ def delete_if_running(api, namespace: str, name: str, log: Callable[[str], None]
     operator's TTL removes it). Returns whether it was deleted: the pipeline's exit handler's
     clean-up when the step that watched the job died without deleting it."""
     group, version, plural = resource(kind)
-    try:
-        obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
-    except Exception as err:
-        if _status_code(err) == 404:
-            return False
-        raise
+    obj = _get(api, group, version, namespace, plural, name)
+    if obj is None:
+        return False
     state = job_state(obj)
     if state.done:
         log(f"{kind} {namespace}/{name} has ended ({state.phase}): kept")

@@ -212,7 +212,7 @@ def tracking_env(run_id: str, wandb_project: str) -> dict[str, str]:
 def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: Sequence[str] = (),
              launcher: str = "torchrun", nodes: int = 1, procs_per_node: int = 1, gpus_per_node: int = 0,
              image: str = "", namespace: str = "", wandb_project: str = "", timeout_s: float = 7 * 86400,
-             cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = "soho-s3",
+             cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = storage.S3_SECRET,
              wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed",
              tolerations: Sequence[dict[str, Any]] = (), node_selector: dict[str, str] | None = None,
              image_pull_policy: str = "IfNotPresent", image_pull_secret: str = "") -> str:

@@ -15,7 +15,6 @@ All containers share the host's network, so a loopback S3 server is reachable fr
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +176,12 @@ class PyTorchJobRunner:
         podman("kill", "-s", "KILL", pod.name)
 
     def logs(self, tail: int = 40) -> str:
-        return "\n".join(f"--- {pod.name}\n" + podman("logs", "--tail", str(tail), pod.name, check=False).stdout
-                         + podman("logs", "--tail", str(tail), pod.name, check=False).stderr for pod in self.pods)
+        """The last lines of every pod's output (podman keeps stdout and stderr apart)."""
+        parts = []
+        for pod in self.pods:
+            out = podman("logs", "--tail", str(tail), pod.name, check=False)
+            parts.append(f"--- {pod.name}\n{out.stdout}{out.stderr}")
+        return "\n".join(parts)
 
     def delete(self) -> None:
         for pod in self.pods:

