@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument("--seeds", default="0", help="comma-separated train.seed values, one repeat of every run each "
                     "(runs in OUT/seed-N; default 0)")
 
+    pb = sub.add_parser("probe", help="the image path's ceiling: the preset's CNN trained on each object's attributes")
+    _add_config_args(pb, default="demo")
+    pb.add_argument("--data", required=True, help="synthetic world written by `soho data synth` (needs scenes.jsonl)")
+    pb.add_argument("--steps", type=int, default=300)
+    pb.add_argument("--eval-every", type=int, default=50)
+    pb.add_argument("--out", help="also write the learning curve here as JSON")
+
     pt = sub.add_parser("pretrain", help="pre-train with MLM + MVM + ITM (single process or under torchrun)")
     _add_config_args(pt)
     pt.add_argument("--data", required=True, help="shard root written by `soho data shard`")
@@ -284,6 +291,16 @@ def _run(args: argparse.Namespace) -> int:
                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                          seeds=parse_seeds(args.seeds))
         print(format_table(summary))
+        return 0
+    if args.command == "probe":
+        from soho_core.probe import format_curve, probe
+
+        if args.steps < 1 or args.eval_every < 1:
+            raise ValueError(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be >= 1")
+        result = probe(args.data, load_config(args.config, list(args.set)), args.steps, args.eval_every)
+        if args.out:
+            storage.write_json_atomic(args.out, result)
+        print(format_curve(result))
         return 0
     if args.command == "pipeline":
         return _run_pipeline(args)
