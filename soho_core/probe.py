@@ -31,32 +31,36 @@ from soho_core import storage
 from soho_core.config import SohoConfig
 from soho_core.data.transforms import decode_image, normalize_padded, pad_batch
 from soho_core.models.backbone import Backbone
+from soho_core.train.distributed import init_distributed
+from soho_core.train.optim import cnn_optimizer
 
 ATTRIBUTES = ("shape", "color", "size")
 
 
-def load_objects(data_uri: str, split: str, image_size: int, limit: int = 0) -> list[dict[str, Any]]:
-    """The images of ``split`` decoded at the model's size, each with its objects' attributes and
-    boxes scaled to that size: [{"image": uint8 (3, h, w), "objects": [{shape, color, size, box}]}]."""
+def load_objects(data_uri: str, short_max: int, long_max: int, splits: tuple[str, ...] = ("train", "val", "test"),
+                 limit: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The images of ``splits`` that hold objects, decoded at the model's size (``data.image_min`` /
+    ``image_max``), each with its objects' attributes and boxes scaled to that size:
+    {split: [{"image": uint8 (3, h, w), "objects": [{shape, color, size, box}]}]}; at most ``limit``
+    images a split (0: all). scenes.jsonl is read once."""
     scenes_uri = storage.join(data_uri, "scenes.jsonl")
     if not storage.exists(scenes_uri):
         raise FileNotFoundError(f"{scenes_uri} does not exist: the probe needs a synthetic world with object boxes "
                                 f"(soho data synth --out DIR), not shards")
-    out = []
+    out: dict[str, list[dict[str, Any]]] = {split: [] for split in splits}
     with storage.open_uri(scenes_uri, "r") as f:
         for line in f:
             scene = json.loads(line)
-            if scene["split"] != split or not scene["objects"]:
+            items = out.get(scene["split"])
+            if items is None or not scene["objects"] or (limit and len(items) >= limit):
                 continue
             image = decode_image(storage.read_bytes(storage.join(data_uri, "images", f"{scene['image_id']}.png")),
-                                 image_size, image_size)
+                                 short_max, long_max)
             scale_y, scale_x = image.shape[1] / scene["height"], image.shape[2] / scene["width"]
             objects = [{**{a: o[a] for a in ATTRIBUTES},
                         "box": (o["bbox"][0] * scale_x, o["bbox"][1] * scale_y, o["bbox"][2] * scale_x,
                                 o["bbox"][3] * scale_y)} for o in scene["objects"]]
-            out.append({"image": image, "objects": objects})
-            if limit and len(out) >= limit:
-                break
+            items.append({"image": image, "objects": objects})
     return out
 
 
@@ -80,26 +84,21 @@ def probe(data_uri: str, cfg: SohoConfig, steps: int = 300, eval_every: int = 50
     {"curve": [{"step", "seconds", <attribute>: held-out accuracy}], "chance": {...}, ...}."""
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
-    size = cfg.data.image_max
-    train = load_objects(data_uri, "train", size)
-    test = load_objects(data_uri, "test", size, max_eval_images) or load_objects(data_uri, "val", size, max_eval_images)
+    world = load_objects(data_uri, cfg.data.image_min, cfg.data.image_max, ("train", "test"))
+    test = world["test"] or load_objects(data_uri, cfg.data.image_min, cfg.data.image_max, ("val",))["val"]
+    train, test = world["train"], test[:max_eval_images]
     if not train or not test:
         raise ValueError(f"{data_uri}: the probe needs images with objects in the train split and in test (or val)")
-    classes = {a: sorted({o[a] for item in train for o in item["objects"]}) for a in ATTRIBUTES}
+    classes = {a: sorted({o[a] for item in train + test for o in item["objects"]}) for a in ATTRIBUTES}
     majority = {a: Counter(o[a] for item in train for o in item["objects"]).most_common(1)[0][0] for a in ATTRIBUTES}
     test_objects = [o for item in test for o in item["objects"]]
     chance = {a: sum(o[a] == majority[a] for o in test_objects) / len(test_objects) for a in ATTRIBUTES}
 
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    device = init_distributed(cfg.train.device).device  # "auto", "cpu" or "cuda", as training resolves it
     backbone = Backbone(cfg.model.backbone).to(device)
     heads = nn.ModuleDict({a: nn.Linear(backbone.out_channels, len(classes[a])) for a in ATTRIBUTES}).to(device)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(heads.parameters())
-    o = cfg.optim
-    if o.backbone_optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.backbone_lr, momentum=o.momentum,
-                                                     weight_decay=o.backbone_weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=o.backbone_lr, weight_decay=o.backbone_weight_decay)
+    opt = cnn_optimizer(params, cfg.optim)  # the heads learn at the CNN's rate: nothing else trains
 
     def run(items: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         images, sizes = pad_batch([it["image"] for it in items], cfg.data.size_divisor)

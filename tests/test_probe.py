@@ -20,8 +20,8 @@ def test_object_features_read_the_cells_of_each_box():
 
 
 def test_objects_scale_to_the_model_size(synthetic_dir):
-    small = load_objects(str(synthetic_dir), "test", 32, limit=3)
-    full = load_objects(str(synthetic_dir), "test", 64, limit=3)
+    small = load_objects(str(synthetic_dir), 32, 32, splits=("test",), limit=3)["test"]
+    full = load_objects(str(synthetic_dir), 64, 64, splits=("test",), limit=3)["test"]
     assert [it["image"].shape[1:] for it in small] == [(32, 32)] * 3
     assert small[0]["objects"][0]["box"] == pytest.approx([v / 2 for v in full[0]["objects"][0]["box"]])
 

@@ -31,12 +31,17 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, head_lr_mult: float = 1
                                for (head, decayed), ps in sorted(groups.items())], lr=cfg.lr, **fused)]
     cnn = [p for p in model.backbone_parameters() if p.requires_grad]
     if cnn and cfg.backbone_lr > 0:
-        if cfg.backbone_optimizer == "sgd":
-            opts.append(torch.optim.SGD(cnn, lr=cfg.backbone_lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.backbone_weight_decay, **fused))
-        else:
-            opts.append(torch.optim.AdamW(cnn, lr=cfg.backbone_lr, weight_decay=cfg.backbone_weight_decay, **fused))
+        opts.append(cnn_optimizer(cnn, cfg))
     return opts
+
+
+def cnn_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The CNN's optimizer: SGD with momentum (the release) or AdamW, at ``backbone_lr``."""
+    fused = {"fused": True} if params[0].device.type in ("cpu", "cuda") else {}
+    if cfg.backbone_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.backbone_lr, momentum=cfg.momentum,
+                               weight_decay=cfg.backbone_weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.backbone_lr, weight_decay=cfg.backbone_weight_decay, **fused)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
