@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     pb.add_argument("--steps", type=int, default=300)
     pb.add_argument("--eval-every", type=int, default=50)
     pb.add_argument("--out", help="also write the learning curve here as JSON")
+    pb.add_argument("--save-backbone", metavar="URI",
+                    help="also write the trained CNN here, for model.backbone.weights (a labelled warm start, "
+                         "as ImageNet weights are for real images)")
 
     pt = sub.add_parser("pretrain", help="pre-train with MLM + MVM + ITM (single process or under torchrun)")
     _add_config_args(pt)
@@ -297,7 +300,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.steps < 1 or args.eval_every < 1:
             raise ValueError(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be >= 1")
-        result = probe(args.data, load_config(args.config, list(args.set)), args.steps, args.eval_every)
+        result = probe(args.data, load_config(args.config, list(args.set)), args.steps, args.eval_every,
+                       save_backbone=args.save_backbone)
         if args.out:
             storage.write_json_atomic(args.out, result)
         print(format_curve(result))

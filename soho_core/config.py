@@ -32,6 +32,10 @@ class ConfigError(ValueError):
 class BackboneConfig:
     depth: int = 18  # torchvision ResNet depth: 18, 34, 50 or 101
     pretrained: bool = False  # torchvision ImageNet weights (needs them cached locally)
+    # A CNN trained elsewhere (file or URI), e.g. `soho probe --save-backbone`: a run that starts
+    # from scratch (no --init, no resume) loads it into the backbone, as the release starts from
+    # ImageNet weights. Its depth and out_stage must match these.
+    weights: str = ""
     frozen_stages: int = 1  # stem + this many residual stages get no gradient (release: 1); -1: none
     out_stage: int = 5  # last ResNet stage used: 5 -> stride 32 (release), 4 -> stride 16, 3 -> 8
     channels_last: bool = False

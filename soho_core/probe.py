@@ -1,6 +1,6 @@
 """The image path's ceiling: the preset's CNN trained directly on each object's attributes.
 
-    soho probe --data SYNTH_DIR [--config demo] [--steps 300] [--out probe.json]
+    soho probe --data SYNTH_DIR [--config demo] [--steps 300] [--out probe.json] [--save-backbone cnn.pt]
 
 What can this CNN learn about the scenes in this budget at all? The probe answers it without
 the fusion, the text or the visual dictionary: the preset's backbone (same depth, stride, image
@@ -13,6 +13,10 @@ A fine-tuned model that stays far below these numbers on the same world is limit
 answer's gradient reaches the CNN, not by the CNN (issue 14: the demo CNN reads shape at 0.97
 after 300 steps here, while VQA fine-tuning left shape at its text prior). Needs the synthetic
 world's ``scenes.jsonl`` (object boxes): ``soho data synth --out DIR``.
+
+``--save-backbone`` keeps the trained CNN for ``model.backbone.weights``: a supervised warm start
+of the CNN, which is what ImageNet weights are to the release (train it on a world other than the
+one the model is evaluated on).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 from soho_core import storage
 from soho_core.config import SohoConfig
 from soho_core.data.transforms import decode_image, normalize_padded, pad_batch
-from soho_core.models.backbone import Backbone
+from soho_core.models.backbone import Backbone, save_backbone_weights
 from soho_core.train.distributed import init_distributed
 from soho_core.train.optim import cnn_optimizer
 
@@ -79,7 +83,7 @@ def object_features(feats: torch.Tensor, items: list[dict[str, Any]], stride: in
 
 
 def probe(data_uri: str, cfg: SohoConfig, steps: int = 300, eval_every: int = 50,
-          max_eval_images: int = 200) -> dict[str, Any]:
+          max_eval_images: int = 200, save_backbone: str | None = None) -> dict[str, Any]:
     """Train the backbone of ``cfg`` on per-object attributes; returns the learning curve:
     {"curve": [{"step", "seconds", <attribute>: held-out accuracy}], "chance": {...}, ...}."""
     torch.manual_seed(cfg.train.seed)
@@ -131,6 +135,8 @@ def probe(data_uri: str, cfg: SohoConfig, steps: int = 300, eval_every: int = 50
         if step % eval_every == 0 or step == steps:
             seconds = time.perf_counter() - start
             curve.append({"step": step, "seconds": round(seconds, 1), **evaluate()})
+    if save_backbone:
+        save_backbone_weights(backbone, cfg.model.backbone, save_backbone)
     return {"data": data_uri, "preset": cfg.preset, "steps": steps, "images_per_batch": batch,
             "train_images": len(train), "test_objects": len(test_objects), "chance": chance, "curve": curve}
 

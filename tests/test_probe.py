@@ -46,3 +46,61 @@ def test_shards_instead_of_a_world_are_named(task_shards, capsys):
     assert main(["probe", "--config", "tiny", "--data", str(task_shards), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "scenes.jsonl does not exist" in err and "soho data synth" in err
+
+
+def test_the_probe_cnn_warm_starts_training(synthetic_dir, task_shards, tmp_path):
+    """`soho probe --save-backbone` writes the trained CNN; a run with model.backbone.weights starts
+    from exactly those weights (the CNN's rate at 0 keeps them), and a fine-tune from that run's
+    checkpoint takes the checkpoint's CNN, not the file (which may be gone by then)."""
+    from soho_core.tasks.catalog import get_task
+    from soho_core.train.checkpoint import load_checkpoint
+    from soho_core.train.engine import train
+
+    cnn = tmp_path / "cnn.pt"
+    assert main(["probe", "--config", "tiny", "--data", str(synthetic_dir), "--steps", "3", "--eval-every", "3",
+                 "--save-backbone", str(cnn)]) == 0
+    saved = torch.load(cnn, weights_only=True)["state"]
+    run = tmp_path / "pre"
+    train(get_task("pretrain"), load_config("tiny", ["train.max_steps=1", f"model.backbone.weights={cnn}",
+                                                      "optim.backbone_lr=0"]), str(task_shards), str(run))
+    state = load_checkpoint(str(run))["model"]
+    conv = "trunk.backbone.stem.0.weight"
+    assert torch.equal(state[conv], saved["stem.0.weight"])
+    fresh = load_checkpoint(str(_scratch_run(task_shards, tmp_path)))["model"]
+    assert not torch.equal(fresh[conv], saved["stem.0.weight"])  # the file, not the seed, set them
+    cnn.unlink()
+    tuned = tmp_path / "vqa"
+    train(get_task("vqa"), load_config("tiny", ["finetune.max_steps=1", "optim.backbone_lr=0"]),
+          str(task_shards), str(tuned), init=str(run))
+    assert torch.equal(load_checkpoint(str(tuned))["model"][conv], saved["stem.0.weight"])
+
+
+def _scratch_run(task_shards, tmp_path):
+    from soho_core.tasks.catalog import get_task
+    from soho_core.train.engine import train
+
+    run = tmp_path / "scratch"
+    train(get_task("pretrain"), load_config("tiny", ["train.max_steps=1", "optim.backbone_lr=0"]),
+          str(task_shards), str(run))
+    return run
+
+
+def test_bad_backbone_weights_are_named_before_work_starts(task_shards, tmp_path, capsys):
+    from soho_core.config import BackboneConfig
+    from soho_core.models.backbone import Backbone, save_backbone_weights
+
+    missing = tmp_path / "nope.pt"
+    args = ["pretrain", "--config", "tiny", "--data", str(task_shards), "--out", str(tmp_path / "o"),
+            "--max-steps", "1", "--set"]
+    assert main([*args, f"model.backbone.weights={missing}"]) == 2
+    assert "model.backbone.weights" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main([*args, f"model.backbone.weights={junk}"]) == 2
+    assert "not a readable weights file" in capsys.readouterr().err
+    other = tmp_path / "stage3.pt"
+    cfg = BackboneConfig(out_stage=3)
+    save_backbone_weights(Backbone(cfg), cfg, str(other))
+    assert main([*args, f"model.backbone.weights={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.backbone.weights" in err and "to stage 3" in err and "to stage 4" in err

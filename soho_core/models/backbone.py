@@ -6,13 +6,17 @@ maxpool; stride 4), stages 2..5 are ``layer1``..``layer4`` (strides 4, 8, 16, 32
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
 import torchvision
 from torch import nn
 
+from soho_core import storage
 from soho_core.config import BackboneConfig
+
+WEIGHTS_FORMAT = "soho-backbone/1"
 
 _BUILDERS = {
     18: ("resnet18", "ResNet18_Weights"),
@@ -98,3 +102,33 @@ class Backbone(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x
+
+
+def save_backbone_weights(backbone: Backbone, cfg: BackboneConfig, uri: str) -> None:
+    """Write ``backbone``'s weights (and its depth and out_stage) where ``model.backbone.weights``
+    can load them."""
+    buf = io.BytesIO()
+    torch.save({"format": WEIGHTS_FORMAT, "depth": cfg.depth, "out_stage": cfg.out_stage,
+                "state": {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def load_backbone_weights(backbone: Backbone, cfg: BackboneConfig) -> None:
+    """Load ``cfg.weights`` (written by :func:`save_backbone_weights`) into ``backbone``; any
+    mismatch is an error that names ``model.backbone.weights``."""
+    uri = cfg.weights
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"model.backbone.weights={uri!r} does not exist (write one with "
+                                f"`soho probe --save-backbone`, or set it to '' to start from random weights)")
+    data = storage.retrying(lambda: storage.read_bytes(uri), f"reading {uri}")
+    try:
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"model.backbone.weights={uri!r} is not a readable weights file: {exc}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"model.backbone.weights={uri!r} is not a {WEIGHTS_FORMAT} file "
+                         f"(written by `soho probe --save-backbone`)")
+    if (saved["depth"], saved["out_stage"]) != (cfg.depth, cfg.out_stage):
+        raise ValueError(f"model.backbone.weights={uri!r} holds a ResNet-{saved['depth']} to stage "
+                         f"{saved['out_stage']}, but the model is a ResNet-{cfg.depth} to stage {cfg.out_stage}")
+    backbone.load_state_dict(saved["state"])

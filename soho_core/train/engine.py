@@ -31,6 +31,7 @@ from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
 from soho_core.env import runtime_env
+from soho_core.models.backbone import load_backbone_weights
 from soho_core.train.checkpoint import clean_unpublished, latest_checkpoint, load_checkpoint, save_checkpoint
 from soho_core.train.distributed import all_reduce_sum, barrier, init_distributed
 from soho_core.train.optim import build_optimizers, build_schedulers
@@ -127,6 +128,10 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = task.build_model(cfg, len(tokenizer), meta).to(device)
+    if init_state is None and resume_state is None and cfg.model.backbone.weights:
+        load_backbone_weights(model.trunk.backbone, cfg.model.backbone)
+        if info.is_main:
+            print(f"backbone initialised from {cfg.model.backbone.weights}", flush=True)
     if cfg.model.backbone.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if init_state is not None:
