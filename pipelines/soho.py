@@ -1,4 +1,4 @@
-"""The SOHO pipeline: data -> shard (per task) -> pretrain -> fine-tune per task (fan-out)
+"""The SOHO pipeline: data -> shard (per task), CNN warm start -> pretrain -> fine-tune per task (fan-out)
 -> evaluate per task -> report.
 
     soho pipeline compile --out pipeline.yaml       # upload in the Kubeflow UI
@@ -47,6 +47,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Input, Model
 
 from components import IMAGE
+from components.backbone import backbone
 from components.data import data
 from components.evaluate import evaluate
 from components.finetune import finetune
@@ -197,6 +198,7 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         min_objects: int = 2,
         max_objects: int = 4,
         seed: int = 0,
+        backbone_steps: int = 500,
         launcher: str = "pytorchjob",
         training_runtime: str = "torch-distributed",
         namespace: str = "",
@@ -209,7 +211,9 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         world; ``num_images``, ``image_size``, ``min_objects``, ``max_objects`` and ``seed`` size it),
         ``official`` (download COCO, VG, VQA v2, Karpathy, NLVR2, SNLI-VE as the tasks need into
         ``store_root``; NLVR2 and Flickr30K images are user-provided) or the URI of a dataset already
-        in place. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
+        in place. ``backbone_steps`` > 0 first trains the preset's CNN that many steps on the objects' shape,
+        colour and size in a second synthetic world (the next ``seed``; with synthetic data only) and starts
+        pre-training from it, as the release starts from ImageNet. ``tasks`` are any of vqa, nlvr2, retrieval, ve;
         ``overrides`` are ``a.b=c`` config settings for every training (e.g. ``train.max_steps=100``);
         ``launcher`` is ``pytorchjob`` (Kubeflow training operator v1) or ``trainjob`` (Kubeflow Trainer v2,
         on the ClusterTrainingRuntime ``training_runtime``) on a cluster, ``torchrun`` on one machine.
@@ -231,7 +235,15 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             _io_step(shard_pretrain, s3_secret, cache=True, backoff=retry_backoff).set_display_name("shard pretrain")
             _image(shard_pretrain, *pulled)
 
-            pretrain_args = dict(preset=preset, shards=shard_pretrain.outputs["shards"], store_root=store_root,
+            cnn = backbone(dataset=data_task.output, store_root=store_root, preset=preset, steps=backbone_steps,
+                           overrides=overrides)
+            _store_access(cnn, s3_secret).set_caching_options(True).set_display_name("backbone")
+            _retry(cnn, 2, retry_backoff)
+            _image(cnn, *pulled)
+            _node_size(cnn, cpu_per_node, memory_per_node, SHM_TRAIN)
+            _gpus(cnn, gpus_per_node, gpu_tolerations, gpu_node_selector)
+
+            pretrain_args = dict(preset=preset, backbone=cnn.outputs["cnn"], shards=shard_pretrain.outputs["shards"], store_root=store_root,
                                  run_id=run_id, overrides=overrides, launcher=launcher, nodes=nodes,
                                  procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
                                  memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,

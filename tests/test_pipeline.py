@@ -116,7 +116,11 @@ def test_dag_shape_caching_and_retries(compiled):
     tasks = _tasks(spec)
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish"}
     body = _component(spec, spec["root"]["dag"]["tasks"]["exit-handler-1"])["dag"]["tasks"]
-    assert set(body) == {"data", "shard", "condition-branches-2"}
+    assert set(body) == {"data", "shard", "backbone", "condition-branches-2"}
+    # The CNN warm start reads the data step's world and hands its weights to pre-training.
+    cnn = body["backbone"]["inputs"]["parameters"]
+    assert cnn["dataset"] == {"taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "data"}}
+    assert cnn["steps"]["componentInputParameter"] == "pipelinechannel--backbone_steps"
     # One pre-training step runs: the trainer itself (launcher=torchrun) or the job's watcher; the
     # downstream tasks follow it in its branch, from its Model.
     branches = _component(spec, body["condition-branches-2"])["dag"]["tasks"]
@@ -125,6 +129,8 @@ def test_dag_shape_caching_and_retries(compiled):
         assert set(inside) == {name, "soho-downstream" + name.removeprefix("pretrain")}
         shards = inside[name]["inputs"]["artifacts"]["shards"]
         assert shards == {"componentInputArtifact": "pipelinechannel--shard-shards"}
+        cnn = inside[name]["inputs"]["artifacts"]["backbone"]
+        assert cnn == {"componentInputArtifact": "pipelinechannel--backbone-cnn"}
         rest = next(t for n, t in inside.items() if n != name)
         assert rest["inputs"]["artifacts"]["pretrain_run"] == {
             "taskOutputArtifact": {"outputArtifactKey": "model", "producerTask": name}}
@@ -139,11 +145,11 @@ def test_dag_shape_caching_and_retries(compiled):
     assert report["taskOutputArtifact"]["producerTask"].startswith("for-loop")  # dsl.Collected
     # Data preparation is cached, training, evaluation and the report are not; every step retries
     # (training resumes from its checkpoint), with growing back-off.
-    for name in ("data", "shard"):
+    for name in ("data", "shard", "backbone"):
         assert all(t["cachingOptions"].get("enableCache") for t in tasks[name])
     for name in ("pretrain", "pretrain-2", "finetune", "evaluate", "report", "finish"):
         assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks[name])
-    retries = {"data": 3, "shard": 3, "report": 3, "finish": 3, "pretrain": 2, "pretrain-2": 2, "finetune": 2,
+    retries = {"data": 3, "shard": 3, "report": 3, "finish": 3, "backbone": 2, "pretrain": 2, "pretrain-2": 2, "finetune": 2,
                "evaluate": 2}
     for name, times in retries.items():
         for t in tasks[name]:
@@ -154,7 +160,8 @@ def test_dag_shape_caching_and_retries(compiled):
 # What each step takes and gives as a typed artifact (name -> schema title).
 ARTIFACTS = {
     "shard": ({}, {"shards": "system.Dataset"}),
-    "pretrain": ({"shards": "system.Dataset"}, {"model": "system.Model"}),
+    "backbone": ({}, {"cnn": "system.Model"}),
+    "pretrain": ({"shards": "system.Dataset", "backbone": "system.Model"}, {"model": "system.Model"}),
     "finetune": ({"shards": "system.Dataset", "init": "system.Model"}, {"model": "system.Model"}),
     "evaluate": ({"checkpoint": "system.Model", "shards": "system.Dataset"}, {"metrics": "system.Metrics"}),
     "report": ({"pretrain": "system.Model", "evaluations": "system.Metrics"},
@@ -300,7 +307,7 @@ def test_parameters_are_typed(compiled):
 
 def test_secrets_resources_and_shm(compiled):
     _, spec, platform = compiled
-    for name in ("data", "shard", "pretrain", "pretrain-2", "finetune", "evaluate", "report"):
+    for name in ("data", "shard", "backbone", "pretrain", "pretrain-2", "finetune", "evaluate", "report"):
         envs = {e["envVar"] for s in platform[f"exec-{name}"]["secretAsEnv"] for e in s["keyToEnv"]}
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= envs, name
     for name in ("pretrain", "pretrain-2", "finetune"):
@@ -321,9 +328,10 @@ def test_every_pod_has_requests_and_limits_sized_per_step(compiled):
     nodes from pipeline parameters, and every training and evaluation pod has a bounded /dev/shm."""
     _, spec, platform = compiled
     executors, by_name = spec["deploymentSpec"]["executors"], _executors(spec)
-    assert set(by_name) == {"data", "shard pretrain", "pretrain", "pretrain (job)", "shard", "finetune", "evaluate",
+    assert set(by_name) == {"data", "shard pretrain", "backbone", "pretrain", "pretrain (job)", "shard", "finetune", "evaluate",
                             "report", "finish"}
-    node_sized = {"pretrain", "finetune", "evaluate"}  # pretrain: launcher=torchrun trains in its own pod
+    # pretrain: launcher=torchrun trains in its own pod; backbone trains the CNN in its own pod
+    node_sized = {"backbone", "pretrain", "finetune", "evaluate"}
     for name, label in by_name.items():
         res = executors[label]["container"]["resources"]
         for kind in ("Cpu", "Memory"):
@@ -334,7 +342,7 @@ def test_every_pod_has_requests_and_limits_sized_per_step(compiled):
             else:
                 assert 0 < _quantity(request) <= _quantity(limit), (name, kind)
         asks_gpus = "accelerator" in res
-        assert asks_gpus == (name in ("pretrain", "finetune")), name
+        assert asks_gpus == (name in ("backbone", "pretrain", "finetune")), name
         k8s = platform.get(label, {})
         if asks_gpus:
             assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter":
@@ -440,6 +448,39 @@ def test_shard_step_is_idempotent(synthetic_dir, tmp_path):
     assert index.stat().st_mtime_ns == stamp  # a retried or cached step keeps complete shards
 
 
+def test_the_backbone_step_trains_the_cnn_on_a_second_world_once(synthetic_dir, tmp_path, capsys):
+    """The warm start renders the next seed's world, trains the preset's CNN there with the preset's
+    own CNN optimizer (an override that stops the CNN in training does not stop it here), and a rerun
+    with the same inputs reuses the file; with nothing to learn from it returns ""."""
+    import torch
+
+    from soho_core.config import load_config
+    from soho_core.models.backbone import Backbone
+
+    store = tmp_path / "store"
+    overrides = ["optim.backbone_lr=0", "finetune.head_lr_mult=1", "train.seed=5"]
+    out = steps.warm_backbone(str(synthetic_dir), str(store), "tiny", 2, overrides)
+    assert Path(out).parent == store / "backbones" and Path(out).name.startswith("synthetic-n160-s1-px64-tiny-2-")
+    assert "synthetic-n160-s1-px64" in capsys.readouterr().out
+    assert json.loads((store / "datasets" / "synthetic-n160-s1-px64" / "manifest.json").read_text())["seed"] == 1
+    torch.manual_seed(5)
+    untrained = Backbone(load_config("tiny").model.backbone).state_dict()
+    saved = torch.load(out, weights_only=True)["state"]
+    assert not torch.equal(saved["stem.0.weight"], untrained["stem.0.weight"])
+    stamp = Path(out).stat().st_mtime_ns
+    assert steps.warm_backbone(str(synthetic_dir), str(store), "tiny", 2, overrides) == out
+    assert Path(out).stat().st_mtime_ns == stamp and "already trained" in capsys.readouterr().out
+    # Another CNN setting is another file.
+    assert steps.warm_backbone(str(synthetic_dir), str(store), "tiny", 2, ["model.backbone.out_stage=3"]) != out
+    assert steps.warm_backbone(str(synthetic_dir), str(store), "tiny", 0) == ""
+    official = tmp_path / "official"
+    official.mkdir()
+    assert steps.warm_backbone(str(official), str(store), "tiny", 2) == ""
+    assert "no object labels" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="backbone_steps=-1"):
+        steps.warm_backbone(str(synthetic_dir), str(store), "tiny", -1)
+
+
 def _metrics_file(folder: Path, task: str, value: float, samples=None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     primary = {"vqa": "vqa_score", "ve": "accuracy"}[task]
@@ -503,6 +544,12 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     for task in ("vqa", "nlvr2"):
         assert json.loads((run / task / "metrics.json").read_text())["task"] == task
         assert (run / task / "checkpoints" / "latest.json").exists()
+    # The CNN warm start trained on a second world (the next seed) and pre-training started from it.
+    (cnn,) = (work / "store" / "backbones").glob("*.pt")
+    assert cnn.name.startswith("synthetic-n160-s4-px64-tiny-4-")
+    assert sorted(p.name for p in (work / "store" / "datasets").iterdir()) == [
+        "synthetic-n160-s3-px64", "synthetic-n160-s4-px64"]
+    assert json.loads((run / "pretrain" / "config.json").read_text())["model"]["backbone"]["weights"] == str(cnn)
     steps_logged = [json.loads(l)["step"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [2, 4]
     assert (report.parent / "pretrain_loss.png").exists()

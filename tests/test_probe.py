@@ -61,8 +61,12 @@ def test_the_probe_cnn_warm_starts_training(synthetic_dir, task_shards, tmp_path
                  "--save-backbone", str(cnn)]) == 0
     saved = torch.load(cnn, weights_only=True)["state"]
     run = tmp_path / "pre"
-    train(get_task("pretrain"), load_config("tiny", ["train.max_steps=1", f"model.backbone.weights={cnn}",
-                                                      "optim.backbone_lr=0"]), str(task_shards), str(run))
+    result = train(get_task("pretrain"), load_config("tiny", ["train.max_steps=1", f"model.backbone.weights={cnn}",
+                                                               "optim.backbone_lr=0"]), str(task_shards), str(run))
+    # A CNN with no optimizer takes no gradient either: the backward pass stops at its output.
+    cnn_params = list(result.model.trunk.backbone.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in cnn_params)
+    assert any(p.grad is not None for p in result.model.trunk.fusion.parameters())
     state = load_checkpoint(str(run))["model"]
     conv = "trunk.backbone.stem.0.weight"
     assert torch.equal(state[conv], saved["stem.0.weight"])
@@ -86,6 +90,10 @@ def test_bad_backbone_weights_are_named_before_work_starts(task_shards, tmp_path
     junk.write_bytes(b"not a checkpoint")
     assert main([*args, f"model.backbone.weights={junk}"]) == 2
     assert "not a readable weights file" in capsys.readouterr().err
+    # The CNN's rate at 0 from scratch, with nothing to start it from, would keep it random.
+    assert main([*args[:-1], "--set", "optim.backbone_lr=0"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.backbone_lr=0" in err and "model.backbone.weights" in err
     other = tmp_path / "stage3.pt"
     cfg = BackboneConfig(out_stage=3)
     save_backbone_weights(Backbone(cfg), cfg, str(other))

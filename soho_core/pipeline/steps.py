@@ -1,6 +1,7 @@
 """What each pipeline step does; the KFP components in ``components/`` only call these.
 
     data      prepare_data(source, store_root, ..., tasks)   -> dataset URI (synthetic | official | URI)
+    backbone  warm_backbone(dataset, store_root, preset, steps) -> CNN weights URI ("" for none)
     shard     shard_task(dataset, store_root, task)          -> shard root URI
     pretrain  pretrain(preset, shards, store_root, run_id, launcher="torchrun"|"pytorchjob"|"trainjob", ...)
     finetune  finetune(task, preset, shards, init, store_root, run_id, ...)
@@ -158,6 +159,70 @@ def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int
     raise ValueError(f"data source {source!r} is neither one of {', '.join(SOURCES)} nor a dataset URI")
 
 
+def backbone_world(dataset: str) -> dict[str, Any] | None:
+    """The synthetic world the CNN warm start trains on, for the synthetic ``dataset`` (None for
+    any other): the same generator and size, the next seed, so none of its images is in ``dataset``."""
+    if not _is_synthetic(dataset):
+        return None
+    manifest = storage.read_json(storage.join(dataset, "manifest.json"))
+    options = manifest.get("options", {})
+    return {"num_images": int(manifest["num_images"]), "seed": int(manifest["seed"]) + 1,
+            "image_size": int(manifest["image_size"]), "min_objects": int(options.get("min_objects", 2)),
+            "max_objects": int(options.get("max_objects", 4))}
+
+
+@_storage_errors_in_one_line
+def warm_backbone(dataset: str, store_root: str, preset: str, steps: int, overrides: Sequence[str] = ()) -> str:
+    """The CNN warm-start step: the preset's CNN trained on the objects' shape, colour and size
+    (:func:`soho_core.probe.probe`) in a second synthetic world, kept as a ``model.backbone.weights``
+    file under ``store_root/backbones/``; returns its URI, or "" with nothing to do (``steps`` 0, or
+    data without object labels, such as the official datasets: the preset's own CNN weights stand).
+
+    This is what ImageNet weights are to the release, on a world of its own: the model is never
+    evaluated on an image the CNN saw. The CNN's settings, image sizes, seed and device come from
+    ``model.backbone.*``, ``data.*``, ``train.seed`` and ``train.device`` of ``overrides``; it trains with the preset's CNN optimizer (overrides often stop the
+    CNN in pre-training: ``optim.backbone_lr=0``). The file is named by everything that decides it,
+    so a rerun with the same inputs reuses it."""
+    import hashlib
+
+    from soho_core.config import load_config
+
+    if steps < 0:
+        raise ValueError(f"backbone_steps={steps}: must be >= 0 (0: no warm start)")
+    cnn_overrides = [o for o in overrides if o.startswith(("model.backbone.", "data.", "train.seed=", "train.device="))
+                     and not o.startswith("model.backbone.weights=")]
+    cfg = load_config(preset, cnn_overrides)
+    _check_store([dataset], [store_root])
+    if steps == 0:
+        print("backbone_steps=0: the CNN starts as the preset says", flush=True)
+        return ""
+    world = backbone_world(dataset)
+    if world is None:
+        print(f"{dataset} has no object labels (not a synthetic world): the CNN starts as the preset says",
+              flush=True)
+        return ""
+    world_uri = dataset_uri(store_root, world["num_images"], world["seed"], world["image_size"])
+    decided = json.dumps({"world": world, "steps": steps, "backbone": cfg.to_dict()["model"]["backbone"],
+                          "data": cfg.to_dict()["data"], "optim": cfg.to_dict()["optim"], "seed": cfg.train.seed},
+                         sort_keys=True)
+    out = storage.join(store_root, "backbones",
+                       f"{world_uri.rstrip('/').rsplit('/', 1)[-1]}-{preset}-{steps}-"
+                       f"{hashlib.sha256(decided.encode()).hexdigest()[:12]}.pt")
+    if storage.exists(out):
+        print(f"CNN already trained at {out}", flush=True)
+        return out
+    if not storage.exists(storage.join(world_uri, "manifest.json")):
+        from soho_core.data.synthetic import synthesize
+
+        synthesize(world_uri, **world)
+    from soho_core.probe import format_curve, probe
+
+    result = probe(world_uri, cfg, steps=steps, eval_every=max(1, steps // 5), save_backbone=out)
+    print(format_curve(result), flush=True)
+    print(json.dumps({"out": out, "world": world_uri, "held_out": result["curve"][-1]}), flush=True)
+    return out
+
+
 @_storage_errors_in_one_line
 def shard_task(dataset: str, store_root: str, task: str, shard_max_count: int = 10_000) -> str:
     """The shard step for one task: shards under ``<store_root>/shards/<dataset name>/<task>``,
@@ -215,16 +280,20 @@ def pretrain(preset: str, shards: str, store_root: str, run_id: str, overrides: 
              cpu_per_node: str = "8", memory_per_node: str = "32Gi", s3_secret: str = storage.S3_SECRET,
              wandb_secret: str = "soho-wandb", training_runtime: str = "torch-distributed",
              tolerations: Sequence[dict[str, Any]] = (), node_selector: dict[str, str] | None = None,
-             image_pull_policy: str = "IfNotPresent", image_pull_secret: str = "") -> str:
+             image_pull_policy: str = "IfNotPresent", image_pull_secret: str = "",
+             backbone_weights: str = "") -> str:
     """The pre-training step: the same ``soho pretrain`` command, under torchrun here, or on the
     cluster as a PyTorchJob (training operator v1) or a TrainJob on the ClusterTrainingRuntime
     ``training_runtime`` (Kubeflow Trainer v2) of ``nodes`` x ``procs_per_node``. Returns the run's URI.
     ``tolerations`` and ``node_selector`` reach the job's pods only when they ask for GPUs; the pods
     pull ``image`` with ``image_pull_policy`` (not a TrainJob's: its runtime sets it) and the Secret
-    ``image_pull_secret``."""
+    ``image_pull_secret``. ``backbone_weights`` (from :func:`warm_backbone`; "" for none) starts the CNN
+    from that file (``model.backbone.weights``)."""
     from soho_core.config import load_config
     from soho_core.launch import soho_args
 
+    if backbone_weights:
+        overrides = [*overrides, f"model.backbone.weights={backbone_weights}"]
     load_config(preset, list(overrides))  # a bad preset or override fails here, before any launch
     _check_store([shards], [store_root])
     out = run_uri(store_root, run_id, "pretrain")

@@ -127,11 +127,21 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
+    from_scratch = init_state is None and resume_state is None
+    bb = cfg.model.backbone
+    if from_scratch and cfg.optim.backbone_lr == 0 and not (bb.weights or bb.pretrained):
+        raise ConfigError("optim.backbone_lr=0 keeps the CNN as it starts, and this run starts it random: "
+                          "set model.backbone.weights (a CNN from `soho probe --save-backbone`), "
+                          "model.backbone.pretrained=true, or a positive optim.backbone_lr")
     model = task.build_model(cfg, len(tokenizer), meta).to(device)
-    if init_state is None and resume_state is None and cfg.model.backbone.weights:
-        load_backbone_weights(model.trunk.backbone, cfg.model.backbone)
+    if from_scratch and bb.weights:
+        load_backbone_weights(model.trunk.backbone, bb)
         if info.is_main:
-            print(f"backbone initialised from {cfg.model.backbone.weights}", flush=True)
+            print(f"backbone initialised from {bb.weights}", flush=True)
+    if cfg.optim.backbone_lr == 0:
+        # A CNN with no optimizer needs no gradient: the backward pass stops at its output (the
+        # demo's frozen warm CNN: a pre-training step in 0.xx of the time).
+        model.trunk.backbone.requires_grad_(False)
     if cfg.model.backbone.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if init_state is not None:
