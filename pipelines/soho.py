@@ -243,8 +243,8 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
             _node_size(cnn, cpu_per_node, memory_per_node, SHM_TRAIN)
             _gpus(cnn, gpus_per_node, gpu_tolerations, gpu_node_selector)
 
-            pretrain_args = dict(preset=preset, backbone=cnn.outputs["cnn"], shards=shard_pretrain.outputs["shards"], store_root=store_root,
-                                 run_id=run_id, overrides=overrides, launcher=launcher, nodes=nodes,
+            pretrain_args = dict(preset=preset, backbone=cnn.outputs["cnn"], shards=shard_pretrain.outputs["shards"],
+                                 store_root=store_root, run_id=run_id, overrides=overrides, launcher=launcher, nodes=nodes,
                                  procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
                                  memory_per_node=memory_per_node, namespace=namespace, wandb_project=wandb_project,
                                  s3_secret=s3_secret, wandb_secret=wandb_secret, image=image,

@@ -149,8 +149,8 @@ def test_dag_shape_caching_and_retries(compiled):
         assert all(t["cachingOptions"].get("enableCache") for t in tasks[name])
     for name in ("pretrain", "pretrain-2", "finetune", "evaluate", "report", "finish"):
         assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks[name])
-    retries = {"data": 3, "shard": 3, "report": 3, "finish": 3, "backbone": 2, "pretrain": 2, "pretrain-2": 2, "finetune": 2,
-               "evaluate": 2}
+    retries = {"data": 3, "shard": 3, "report": 3, "finish": 3, "backbone": 2, "pretrain": 2, "pretrain-2": 2,
+               "finetune": 2, "evaluate": 2}
     for name, times in retries.items():
         for t in tasks[name]:
             assert (t["retryPolicy"]["maxRetryCount"], t["retryPolicy"]["backoffDuration"],
@@ -328,8 +328,8 @@ def test_every_pod_has_requests_and_limits_sized_per_step(compiled):
     nodes from pipeline parameters, and every training and evaluation pod has a bounded /dev/shm."""
     _, spec, platform = compiled
     executors, by_name = spec["deploymentSpec"]["executors"], _executors(spec)
-    assert set(by_name) == {"data", "shard pretrain", "backbone", "pretrain", "pretrain (job)", "shard", "finetune", "evaluate",
-                            "report", "finish"}
+    assert set(by_name) == {"data", "shard pretrain", "backbone", "pretrain", "pretrain (job)", "shard", "finetune",
+                            "evaluate", "report", "finish"}
     # pretrain: launcher=torchrun trains in its own pod; backbone trains the CNN in its own pod
     node_sized = {"backbone", "pretrain", "finetune", "evaluate"}
     for name, label in by_name.items():

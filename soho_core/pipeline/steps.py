@@ -180,8 +180,9 @@ def warm_backbone(dataset: str, store_root: str, preset: str, steps: int, overri
 
     This is what ImageNet weights are to the release, on a world of its own: the model is never
     evaluated on an image the CNN saw. The CNN's settings, image sizes, seed and device come from
-    ``model.backbone.*``, ``data.*``, ``train.seed`` and ``train.device`` of ``overrides``; it trains with the preset's CNN optimizer (overrides often stop the
-    CNN in pre-training: ``optim.backbone_lr=0``). The file is named by everything that decides it,
+    ``model.backbone.*``, ``data.*``, ``train.seed`` and ``train.device`` of ``overrides``; it trains
+    with the preset's CNN optimizer (overrides often stop the CNN in pre-training:
+    ``optim.backbone_lr=0``). The file is named by everything that decides it,
     so a rerun with the same inputs reuses it."""
     import hashlib
 
@@ -190,7 +191,7 @@ def warm_backbone(dataset: str, store_root: str, preset: str, steps: int, overri
     if steps < 0:
         raise ValueError(f"backbone_steps={steps}: must be >= 0 (0: no warm start)")
     cnn_overrides = [o for o in overrides if o.startswith(("model.backbone.", "data.", "train.seed=", "train.device="))
-                     and not o.startswith("model.backbone.weights=")]
+                     and not o.startswith("model.backbone.weights=")]  # the weights are what this step makes
     cfg = load_config(preset, cnn_overrides)
     _check_store([dataset], [store_root])
     if steps == 0:
@@ -202,9 +203,9 @@ def warm_backbone(dataset: str, store_root: str, preset: str, steps: int, overri
               flush=True)
         return ""
     world_uri = dataset_uri(store_root, world["num_images"], world["seed"], world["image_size"])
-    decided = json.dumps({"world": world, "steps": steps, "backbone": cfg.to_dict()["model"]["backbone"],
-                          "data": cfg.to_dict()["data"], "optim": cfg.to_dict()["optim"], "seed": cfg.train.seed},
-                         sort_keys=True)
+    settings = cfg.to_dict()
+    decided = json.dumps({"world": world, "steps": steps, "backbone": settings["model"]["backbone"],
+                          "data": settings["data"], "optim": settings["optim"], "seed": cfg.train.seed}, sort_keys=True)
     out = storage.join(store_root, "backbones",
                        f"{world_uri.rstrip('/').rsplit('/', 1)[-1]}-{preset}-{steps}-"
                        f"{hashlib.sha256(decided.encode()).hexdigest()[:12]}.pt")
