@@ -43,15 +43,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/image
 
-# Speed, not part of `make test`: dictionary, pre-training step, VQA inference against the
-# region-based pipeline, and the shard loader against raw decoding (the demo's 128-px PNGs, and
-# 640-px JPEG photos loaded at the release's 600x1000 with BERT word pieces). Each prints what it ran on and
-# ends with one JSON line; all of them are gathered in $(BENCH_OUT)/*.json and printed again at
-# the end. About 13 minutes on 2 CPU cores.
+# Speed, not part of `make test`: dictionary, pre-training step (and with the CNN frozen, its
+# features cached or not), VQA inference against the region-based pipeline, and the shard loader
+# against raw decoding (the demo's 128-px PNGs, and 640-px JPEG photos loaded at the release's
+# 600x1000 with BERT word pieces). Each prints what it ran on and ends with one JSON line; all of
+# them are gathered in $(BENCH_OUT)/*.json and printed again at the end. About 14 minutes on 2 CPU cores.
 BENCH_OUT ?= bench-out
 bench: $(STAMP)
 	$(PY) benchmarks/dictionary.py --json-out $(BENCH_OUT)/dictionary.json
 	$(PY) benchmarks/train_step.py --json-out $(BENCH_OUT)/train_step.json
+	$(PY) benchmarks/frozen_cnn.py --json-out $(BENCH_OUT)/frozen_cnn.json
 	$(PY) benchmarks/inference.py --json-out $(BENCH_OUT)/inference.json
 	$(PY) benchmarks/data_loader.py --json-out $(BENCH_OUT)/data_loader.json
 	$(PY) benchmarks/data_loader.py --preset res18 --format jpeg --image-size 640 --images 200 --train-steps 0 \

@@ -161,6 +161,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     grad_accum: int = 1  # micro-batches of data.images_per_batch per optimizer step
     compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    # With the CNN frozen (optim.backbone_lr=0), each image's CNN features are kept, up to this many MB
+    # per process, and reused when the image comes again (exact: the CNN cannot change). 0: off.
+    feature_cache_mb: int = 1024
     wandb: bool = True  # log to wandb from rank 0 (offline without WANDB_API_KEY; WANDB_MODE=disabled: off)
 
 
@@ -465,6 +468,7 @@ def _validate(c: SohoConfig) -> None:
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", "must be 'auto', 'bf16', 'fp16' or 'fp32'")
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.feature_cache_mb >= 0, "train.feature_cache_mb", "must be >= 0 (0 turns the cache off)")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'")
 
 

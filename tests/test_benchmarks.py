@@ -53,6 +53,14 @@ def test_train_step_benchmark_smoke():
     assert out["release_like_flops_per_step"] > out["flops_per_step"]
 
 
+def test_frozen_cnn_benchmark_smoke():
+    out = _smoke("frozen_cnn.py")
+    assert FACTS | {"step_s_uncached", "step_s_cached", "cache_speedup", "loss_equal"} <= set(out)
+    assert out["step_s_uncached"] > 0 and out["step_s_cached"] > 0
+    # The cached step found its images in the cache and computed the same loss.
+    assert out["loss_equal"] and out["cache_hits"] > 0
+
+
 def test_dictionary_benchmark_smoke():
     out = _smoke("dictionary.py")
     assert FACTS | {"entries", "dim", "chunk_rows", "cases", "largest_peak_below_n_by_k"} <= set(out)

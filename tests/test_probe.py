@@ -70,6 +70,8 @@ def test_the_probe_cnn_warm_starts_training(synthetic_dir, task_shards, tmp_path
     state = load_checkpoint(str(run))["model"]
     conv = "trunk.backbone.stem.0.weight"
     assert torch.equal(state[conv], saved["stem.0.weight"])
+    # Its batch norms keep the statistics they came with (features do not drift with the batch).
+    assert torch.equal(state["trunk.backbone.stem.1.running_mean"], saved["stem.1.running_mean"])
     cnn.unlink()
     tuned = tmp_path / "vqa"
     train(get_task("vqa"), load_config("tiny", ["finetune.max_steps=1", "optim.backbone_lr=0"]),

@@ -6,6 +6,7 @@ maxpool; stride 4), stages 2..5 are ``layer1``..``layer4`` (strides 4, 8, 16, 32
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -69,6 +70,7 @@ class Backbone(nn.Module):
         self.stride = _STRIDES[cfg.out_stage]
         self.out_channels = 64 * (2 ** (cfg.out_stage - 2)) * (4 if cfg.depth >= 50 else 1)
         self.frozen_stages = cfg.frozen_stages
+        self.all_frozen = False  # set by freeze()
         self.channels_last = cfg.channels_last
 
         for module in self._frozen_modules():
@@ -80,9 +82,18 @@ class Backbone(nn.Module):
     def _frozen_modules(self) -> list[nn.Module]:
         # mmdet's convention, as in the release: 0 freezes the stem, k >= 1 the stem and the first
         # k residual stages, -1 nothing (a CNN trained from scratch must train its stem too).
+        if self.all_frozen:
+            return [self.stem, *self.stages]
         if self.frozen_stages < 0:
             return []
         return [self.stem, *self.stages[: self.frozen_stages]]
+
+    def freeze(self) -> "Backbone":
+        """Keep the whole CNN as it is: no gradients, and every batch norm on its running statistics
+        (in training mode too), so an image's features do not depend on the batch it comes in."""
+        self.all_frozen = True
+        self.requires_grad_(False)
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
@@ -132,3 +143,52 @@ def load_backbone_weights(backbone: Backbone, cfg: BackboneConfig) -> None:
         raise ValueError(f"model.backbone.weights={uri!r} holds a ResNet-{saved['depth']} to stage "
                          f"{saved['out_stage']}, but the model is a ResNet-{cfg.depth} to stage {cfg.out_stage}")
     backbone.load_state_dict(saved["state"])
+
+
+class FeatureCache:
+    """A frozen CNN's features, kept per image so that an image seen again is not run again.
+
+    Only exact while the CNN and its batch norms cannot change (:meth:`Backbone.freeze`): an
+    image's features then depend on its padded pixels and its valid size alone, which make the
+    key (a hash). Up to ``max_bytes`` of features are kept; images met after that are computed
+    every time. ``hits`` and ``misses`` count images served from the cache and computed.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._store: dict[bytes, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @staticmethod
+    def _key(image: torch.Tensor, size: torch.Tensor) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((tuple(image.shape), str(image.dtype), size.tolist())).encode())
+        h.update(image.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def __call__(self, images: torch.Tensor, image_sizes: torch.Tensor, compute) -> torch.Tensor:
+        """images (B, 3, H, W) uint8 as the loaders give them, image_sizes (B, 2) their valid sizes;
+        ``compute(rows)`` gives the features (b, C, h, w) of the images at those rows. Returns
+        (B, C, h, w)."""
+        keys = [self._key(im, sz) for im, sz in zip(images, image_sizes)]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if not missing:
+            return torch.stack([self._store[k] for k in keys])
+        fresh = compute(missing)
+        rows = dict(zip(missing, fresh))
+        for i in missing:
+            feat = rows[i].detach()
+            size = feat.numel() * feat.element_size()
+            if keys[i] not in self._store and self.used + size <= self.max_bytes:
+                self._store[keys[i]] = feat.clone()
+                self.used += size
+        if len(missing) == len(keys):
+            return fresh
+        return torch.stack([rows[i] if i in rows else self._store[k] for i, k in enumerate(keys)])

@@ -18,7 +18,7 @@ from torch import nn
 
 from soho_core.config import ModelConfig
 from soho_core.data.transforms import normalize_padded
-from soho_core.models.backbone import Backbone
+from soho_core.models.backbone import Backbone, FeatureCache
 from soho_core.models.fusion import FusionEncoder
 from soho_core.models.heads import ITCHead, ITMHead, MLMHead, MVMHead
 from soho_core.models.visual_dictionary import DictionaryGate, VisualDictionary
@@ -110,6 +110,17 @@ class SohoModel(nn.Module):
         self.mlm_head = MLMHead(self.fusion.word_embedding_weight)
         self.itm_head = ITMHead(dim)
         self.itc_head: ITCHead | None = ITCHead(dim, cfg.itc_dim) if cfg.itc_dim > 0 else None
+        self.feature_cache: FeatureCache | None = None  # see cache_features
+
+    def cache_features(self, max_bytes: int) -> FeatureCache:
+        """From now on keep each image's CNN features and reuse them when the image comes again
+        (up to ``max_bytes``). The CNN must be frozen first (``backbone.freeze()``), and its weights
+        not loaded again afterwards: the cached features would be those of the old weights."""
+        if not self.backbone.all_frozen:
+            raise ValueError("caching CNN features needs a frozen CNN (backbone.freeze()): a CNN that "
+                             "trains, or whose batch norms update, gives an image other features each time")
+        self.feature_cache = FeatureCache(max_bytes)
+        return self.feature_cache
 
     @property
     def dim(self) -> int:
@@ -126,9 +137,13 @@ class SohoModel(nn.Module):
         (height, width) in pixels. mvm_prob: chance each image gets one visual word masked
         (training mode with a dictionary only; evaluation never masks).
         """
-        if images.dtype == torch.uint8:
-            images = normalize_padded(images, image_sizes)
-        feats = self.backbone(images)
+        if self.feature_cache is not None and images.dtype == torch.uint8:
+            feats = self.feature_cache(
+                images, image_sizes, lambda rows: self.backbone(normalize_padded(images[rows], image_sizes[rows])))
+        else:
+            if images.dtype == torch.uint8:
+                images = normalize_padded(images, image_sizes)
+            feats = self.backbone(images)
         v, mask, grid = self.visual.project(feats, image_sizes)
         labels = torch.full(mask.shape, IGNORE, dtype=torch.long, device=v.device)
         indices = None

@@ -139,9 +139,9 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
         if info.is_main:
             print(f"backbone initialised from {bb.weights}", flush=True)
     if cfg.optim.backbone_lr == 0:
-        # A CNN with no optimizer needs no gradient: the backward pass stops at its output (the
-        # demo's frozen warm CNN: a pre-training step in 0.xx of the time).
-        model.trunk.backbone.requires_grad_(False)
+        # A CNN with no optimizer needs no gradient: the backward pass stops at its output. Its batch
+        # norms keep their statistics too, so its features can be cached (train.feature_cache_mb).
+        model.trunk.backbone.freeze()
     if cfg.model.backbone.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if init_state is not None:
@@ -173,6 +173,10 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
             print(f"resuming from {resume_uri} at step {start} (restart {env.torchelastic_restart}; "
                   f"{images_seen} images seen)", flush=True)
     del init_state, resume_state
+    cache = None
+    if cfg.optim.backbone_lr == 0 and tc.feature_cache_mb > 0:
+        # After every load: the cached features must be those of the weights that train.
+        cache = model.trunk.cache_features(tc.feature_cache_mb * 2 ** 20)
     metrics = MetricsLog(out_uri, enabled=info.is_main)
     wandb_run = WandbRun(tc.wandb and info.is_main, tracking_run_id(out_uri, wandb_id) if info.is_main else "",
                          out_uri, job_type="pretrain" if task.name == "pretrain" else f"finetune-{task.name}",
@@ -259,6 +263,8 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
                 last["images_per_s"] = float(counts[2]) / seconds
                 last["images_seen"] = images_seen
                 last["skipped_samples"] = int(counts[1])
+                if cache is not None:  # the share of images whose CNN features came from the cache so far
+                    last["cnn_cached"] = cache.hits / max(1, cache.hits + cache.misses)
                 if device.type == "cuda":
                     last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     torch.cuda.reset_peak_memory_stats(device)
