@@ -124,6 +124,9 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1
     # Per-task step counts that replace max_steps, e.g. {"retrieval": 150} (its steps cost ~3x a VQA step).
     task_steps: dict[str, int] = field(default_factory=dict)
+    # Per-task batch sizes that replace data.images_per_batch in that task's fine-tune, e.g. {"nlvr2": 16}
+    # (8 images are 4 NLVR2 pairs: 8 statements a step in a world with 2 statements a pair).
+    task_images_per_batch: dict[str, int] = field(default_factory=dict)
     keep_dictionary: bool = False  # the release drops the quantiser when fine-tuning
     head_lr_mult: float = 10.0  # new task heads start from scratch: their rate is optim.lr x this
     answer_vocab_size: int = 3129  # VQA: the most frequent answers of the training split
@@ -442,12 +445,14 @@ def _validate(c: SohoConfig) -> None:
     ft = c.finetune
     need(ft.max_steps >= 1, "finetune.max_steps", "must be >= 1")
     need(0.0 <= ft.warmup_fraction < 1.0, "finetune.warmup_fraction", "must be in [0, 1)")
-    bad = sorted(set(ft.task_steps) - {"vqa", "nlvr2", "retrieval", "ve"})
-    if bad:
-        raise ConfigError(f"config key 'finetune.task_steps' has unknown tasks {bad}; valid: nlvr2, retrieval, ve, vqa")
-    for key, n in ft.task_steps.items():
-        if n < 1:
-            raise ConfigError(f"config key 'finetune.task_steps.{key}' must be >= 1, got {n!r}")
+    for name in ("task_steps", "task_images_per_batch"):
+        per_task = getattr(ft, name)
+        bad = sorted(set(per_task) - {"vqa", "nlvr2", "retrieval", "ve"})
+        if bad:
+            raise ConfigError(f"config key 'finetune.{name}' has unknown tasks {bad}; valid: nlvr2, retrieval, ve, vqa")
+        for key, n in per_task.items():
+            if n < 1:
+                raise ConfigError(f"config key 'finetune.{name}.{key}' must be >= 1, got {n!r}")
     need(ft.head_lr_mult > 0, "finetune.head_lr_mult", "must be > 0")
     need(ft.answer_vocab_size >= 2, "finetune.answer_vocab_size", "must be >= 2")
     need(ft.itc_temperature > 0, "finetune.itc_temperature", "must be > 0")

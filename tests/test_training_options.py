@@ -28,6 +28,18 @@ def test_gradient_accumulation_takes_k_micro_batches_per_optimizer_step(shard_ro
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_a_task_can_fine_tune_with_its_own_batch_size(task_shards, tiny_pretrained, tmp_path):
+    """finetune.task_images_per_batch replaces data.images_per_batch for that task only."""
+    per_task = ["finetune.max_steps=2", "finetune.task_images_per_batch.nlvr2=6"]
+    for task, images in (("nlvr2", 6), ("vqa", 2)):
+        out = tmp_path / task
+        train(get_task(task), _tiny(*per_task), str(task_shards), str(out), init=str(tiny_pretrained))
+        assert load_checkpoint(str(out))["config"]["data"]["images_per_batch"] == images
+        assert read_metrics(str(out))[-1]["images_seen"] == 2 * images
+    with pytest.raises(ConfigError, match="finetune.task_images_per_batch.ve"):
+        load_config("tiny", ["finetune.task_images_per_batch.ve=0"])
+
+
 def test_bf16_autocast_on_cpu_trains(shard_root, tmp_path):
     result = train(get_task("pretrain"), _tiny("train.max_steps=2", "train.precision=bf16"), str(shard_root),
                    str(tmp_path))

@@ -121,6 +121,8 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
     else:
         cfg = model_config_for(task, cfg, init_state)
         meta = task.metadata(data_uri, cfg)
+    # cfg is this run's copy in both branches.
+    cfg.data.images_per_batch = cfg.finetune.task_images_per_batch.get(task.name, cfg.data.images_per_batch)
     tokenizer = build_tokenizer(cfg.model.fusion.tokenizer)
 
     # Same seed on every rank: identical initial weights and dictionaries.
