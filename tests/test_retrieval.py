@@ -187,3 +187,13 @@ def test_finetune_then_evaluate_writes_every_metric(finetuned, shards):
     assert set(keys) <= set(written["metrics"])
     assert all(0 <= written["metrics"][k] <= 1 for k in RECALLS)
     assert len(written["samples"]) == 3 and all(len(s["top_images"]) == 3 for s in written["samples"])
+
+
+def test_match_logits_run_the_last_layer_at_cls_alone_with_the_same_result():
+    model = _model(load_config("tiny")).eval()
+    ids = torch.randint(5, 50, (6, 9))
+    attn = torch.ones_like(ids)
+    attn[:, 7:] = 0
+    tokens, mask = torch.randn(6, 16, model.trunk.dim), torch.ones(6, 16, dtype=torch.bool)
+    full = model.trunk.itm_head(model.trunk.fusion(ids, attn, tokens, mask)[:, 0]).float()
+    torch.testing.assert_close(model.match_logits(ids, attn, tokens, mask), full, rtol=1e-4, atol=1e-5)

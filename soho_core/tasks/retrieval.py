@@ -38,6 +38,7 @@ from soho_core.config import SohoConfig
 from soho_core.data.loader import stream
 from soho_core.data.transforms import pad_batch
 from soho_core.models.heads import ITCHead
+from soho_core.models.soho import cls_rows
 from soho_core.tasks.base import EvalResult, StepOutput, Task, TaskModel, mean_stat
 from soho_core.tasks.baselines import BLIND, PRIOR, constant_images
 from soho_core.tasks.metrics import chance_recall, retrieval_metrics
@@ -90,9 +91,11 @@ class RetrievalModel(TaskModel):
         return self.itc.embed_text(self.trunk.text_cls(input_ids, attention_mask))
 
     def match_logits(self, input_ids, attention_mask, tokens, mask) -> torch.Tensor:
-        """Pairs already gathered: (P, L) text, (P, N, d) tokens, (P, N) mask -> (P, 2) ITM logits."""
-        hidden = self.trunk.fusion(input_ids, attention_mask, tokens, mask)
-        return self.trunk.itm_head(hidden[:, 0]).float()
+        """Pairs already gathered: (P, L) text, (P, N, d) tokens, (P, N) mask -> (P, 2) ITM logits.
+        The fusion's last layer runs at [CLS] alone, the only position the head reads."""
+        rows = cls_rows(input_ids.shape[0], input_ids.shape[1] + mask.shape[1], input_ids.device)
+        cls = self.trunk.fusion(input_ids, attention_mask, tokens, mask, rows=rows)
+        return self.trunk.itm_head(cls).float()
 
     def match_probability(self, feats: ImageFeatures, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
