@@ -42,9 +42,10 @@ from soho_core import storage
 # 0.72 after 600 (shape 0.68 -> 0.86, grey images 0.40-0.43), for 1.6 more minutes.
 # The fine-tunes learn faster per step from 16 images than from 8, and the frozen CNN's cached
 # features make the extra images cheap (issue 14, from the same pre-training): VQA 0.794 against
-# 0.734 (grey images 0.39 and 0.41), VE 0.786 against 0.721, NLVR2 0.662 against 0.557. From the
-# demo's own pre-training NLVR2 is still climbing at 600 steps (0.746; 900: 0.808, grey images 0.50),
-# VQA is not (600: 0.791, 900: 0.789, its training batches at 0.90: more steps only fit them).
+# 0.734 (grey images 0.39 and 0.41), VE 0.786 against 0.721 (0.33 both), NLVR2 0.662 against 0.557
+# (0.47 and 0.50). From the demo's own pre-training NLVR2 is still climbing at 600 steps (0.746; 900:
+# 0.808, grey images 0.50 both), VQA is not (600: 0.791, 900: 0.789, grey images 0.40 and 0.41; its
+# training batches at 0.90: more steps only fit them).
 LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"num_images": 160, "image_size": 64, "min_objects": 1, "max_objects": 2, "backbone_steps": 4,
              "overrides": ["train.max_steps=20", "finetune.max_steps=10", "finetune.eval_max_images=40"]},
