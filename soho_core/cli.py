@@ -133,6 +133,8 @@ def _add_pipeline_args(sub) -> None:
     r.add_argument("--work-dir", default="pipeline-out", help="folder for the store (data, runs, report) and KFP outputs")
     r.add_argument("--tasks", help=f"comma-separated downstream tasks (default: all: {','.join(DOWNSTREAM)})")
     r.add_argument("--procs", type=int, default=1, help="torchrun processes for pre-training")
+    r.add_argument("--parallelism", type=int, default=2, choices=(1, 2),
+                   help="downstream tasks trained at a time, each on its share of the cores (default 2)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every training, after the local defaults (repeatable)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -321,7 +323,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if args.pipeline_command == "run":
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
         result = runner.run_local(args.work_dir, preset=args.preset, overrides=args.set, tasks=tasks,
-                                  procs=args.procs, params=runner.parse_params(args.param))
+                                  procs=args.procs, params=runner.parse_params(args.param),
+                                  parallelism=args.parallelism)
         print(f"\npipeline finished in {result.seconds / 60:.1f} min; report: {result.report_uri}\n")
         print(runner.format_summary(result.summary))
         return 0

@@ -132,6 +132,9 @@ class FinetuneConfig:
     answer_vocab_size: int = 3129  # VQA: the most frequent answers of the training split
     itc_temperature: float = 0.07  # retrieval: softmax temperature of the pooled-feature similarity
     shortlist_k: int = 16  # retrieval two-stage mode: candidates kept by the cheap similarity
+    # Retrieval evaluation also scores every image-caption pair with ITM (the spec's metric); false:
+    # the two-stage ranking alone, reported under the plain names (r_mean, ...).
+    retrieval_exact: bool = True
     eval_max_images: int = 0  # retrieval evaluation: use the first N images of the split (0 = all)
     eval_blind: bool = True  # evaluation also scores the model with constant images (its text prior)
 
@@ -167,6 +170,10 @@ class TrainConfig:
     # With the CNN frozen (optim.backbone_lr=0), each image's CNN features are kept, up to this many MB
     # per process, and reused when the image comes again (exact: the CNN cannot change). 0: off.
     feature_cache_mb: int = 1024
+    # Where those features outlive the process (a folder or s3:// prefix; "" = nowhere): one file per
+    # CNN (named by its weights' digest), read when a run or an evaluation starts and written when it
+    # ends, so the next step of a pipeline that keeps the same CNN does not run it again.
+    feature_cache_dir: str = ""
     wandb: bool = True  # log to wandb from rank 0 (offline without WANDB_API_KEY; WANDB_MODE=disabled: off)
 
 

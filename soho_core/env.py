@@ -15,6 +15,10 @@ PIPELINE_RUN_ID = "SOHO_PIPELINE_RUN_ID"
 WANDB_GROUP = "WANDB_RUN_GROUP"  # wandb's own variable: wandb.init() reads it too
 WANDB_PROJECT = "WANDB_PROJECT"
 WANDB_MODE = "WANDB_MODE"  # wandb's own: "offline", "online", "disabled"
+# Set by a local run that trains several downstream tasks at once (soho pipeline run --local
+# --parallelism N): the CPU threads each of their fine-tunes and evaluations may use, so that
+# together they do not oversubscribe the machine's cores.
+TASK_THREADS = "SOHO_TASK_THREADS"
 # Fault tests only: "STEP:SECONDS" pauses halfway through writing step STEP's checkpoint, so a
 # test can kill the writer mid-write.
 FAULT_CHECKPOINT_PAUSE = "SOHO_FAULT_CHECKPOINT_PAUSE"
@@ -32,6 +36,7 @@ class RuntimeEnv:
     wandb_project: str = ""
     wandb_mode: str = ""
     fault_checkpoint_pause: tuple[int, float] | None = None
+    task_threads: int = 0  # 0: as many as the process would use anyway
 
 
 def runtime_env() -> RuntimeEnv:
@@ -47,7 +52,20 @@ def runtime_env() -> RuntimeEnv:
         wandb_project=e.get(WANDB_PROJECT, ""),
         wandb_mode=e.get(WANDB_MODE, ""),
         fault_checkpoint_pause=_step_and_seconds(e.get(FAULT_CHECKPOINT_PAUSE, "")),
+        task_threads=_threads(e.get(TASK_THREADS, "")),
     )
+
+
+def _threads(value: str) -> int:
+    if not value:
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{TASK_THREADS}={value!r}: expected a whole number >= 1")
+    return n
 
 
 def _step_and_seconds(value: str) -> tuple[int, float] | None:

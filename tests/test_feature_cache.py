@@ -93,3 +93,60 @@ def test_training_with_the_cache_computes_what_training_without_it_does(task_sha
         assert "cnn_cached" not in off
     # 40 images a task's split at most: from the third step on, images come again.
     assert 0 < logs[64][-1]["cnn_cached"] < 1
+
+
+def test_a_saved_cache_serves_another_process_with_the_same_cnn_only(tmp_path):
+    from soho_core.models.backbone import FeatureCache, cnn_digest
+
+    model = _frozen_model()
+    sizes = torch.tensor([[64, 64]] * 4)
+    cache = model.cache_features(2 ** 30)
+    with torch.no_grad():
+        want = model.encode_images(_images(4, 5), sizes).tokens
+    uri = str(tmp_path / "store" / f"{cnn_digest(model.backbone, 'cpu')}.pt")
+    assert cache.save(uri) and not cache.save(uri)  # nothing new the second time
+
+    again = _frozen_model()  # the same seed: the same CNN, so the same digest
+    assert cnn_digest(again.backbone, "cpu") == cnn_digest(model.backbone, "cpu")
+    assert cnn_digest(again.backbone, "cuda") != cnn_digest(model.backbone, "cpu")
+    fresh = again.cache_features(2 ** 30)
+    assert fresh.load(uri) == 4
+    with torch.no_grad():
+        got = again.encode_images(_images(4, 5), sizes).tokens
+    assert (fresh.hits, fresh.misses) == (4, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    with torch.no_grad():  # another CNN: another digest
+        again.backbone.stem[0].weight.add_(0.1)
+    assert cnn_digest(again.backbone, "cpu") != cnn_digest(model.backbone, "cpu")
+    assert FeatureCache(0).load(uri) == 0  # within its budget: no room, nothing kept
+    assert FeatureCache(2 ** 30).load(str(tmp_path / "none.pt")) == 0
+    (tmp_path / "bad.pt").write_bytes(b"not a cache")
+    with pytest.raises(ValueError, match="bad.pt"):
+        FeatureCache(2 ** 30).load(str(tmp_path / "bad.pt"))
+
+
+def test_a_run_and_its_evaluation_reuse_the_features_a_run_before_them_kept(task_shards, tiny_pretrained, tmp_path):
+    from soho_core.tasks.catalog import get_task
+    from soho_core.train.engine import evaluate, train
+
+    store = tmp_path / "features"
+    sets = ["finetune.max_steps=6", "train.log_every=6", "optim.backbone_lr=0", f"train.feature_cache_dir={store}"]
+    runs = {}
+    for name, extra in (("plain", ["train.feature_cache_dir="]), ("first", []), ("second", [])):
+        out = tmp_path / name
+        train(get_task("vqa"), load_config("tiny", sets + extra), str(task_shards), str(out), init=str(tiny_pretrained))
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert len(list(store.iterdir())) == 1  # one CNN, one file
+    # The second run found every image of its stream in the first one's file; both computed the same.
+    assert runs["first"]["cnn_cached"] < 1 and runs["second"]["cnn_cached"] == 1
+    assert runs["second"]["loss"] == runs["first"]["loss"] == pytest.approx(runs["plain"]["loss"], rel=1e-5)
+
+    def kept() -> int:
+        return len(torch.load(next(store.iterdir()), weights_only=True)["features"])
+
+    trained = kept()
+    reports = [evaluate(get_task("vqa"), str(tmp_path / name), str(task_shards), None) for name in ("plain", "first")]
+    assert reports[1]["metrics"] == reports[0]["metrics"]
+    # The evaluation added its test images to the same file (the CNN is the one the runs kept still).
+    assert len(list(store.iterdir())) == 1 and kept() > trained

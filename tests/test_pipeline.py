@@ -575,6 +575,11 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     # The exit handler recorded how the run ended.
     status = json.loads((run / "status.json").read_text())
     assert (status["state"], status["report"], status["deleted_jobs"]) == ("SUCCEEDED", str(report), [])
+    # Two tasks at a time (--parallelism 2, the default): both were sharded before either was evaluated.
+    sharded = [(shard_root / t / "index.json").stat().st_mtime for t in ("vqa", "nlvr2")]
+    evaluated = [(run / t / "metrics.json").stat().st_mtime for t in ("vqa", "nlvr2")]
+    assert max(sharded) < min(evaluated)
+    assert "SOHO_TASK_THREADS" not in os.environ  # the run's share of threads ends with it
 
 
 def _trainers(command: str, marker: str) -> list[int]:

@@ -157,6 +157,10 @@ def test_two_stage_equals_exact_when_the_shortlist_holds_everything(finetuned, s
     assert all(per_text[f"two_stage_{k}"] == per_text[k] for k in ("img_r1", "img_r5", "img_r10"))
     small = run(2)
     assert small["pairs_scored_two_stage"] <= 2 * (6 + 30) < small["pairs_scored_exact"] == 180
+    cfg.finetune.retrieval_exact = False  # the exact mode skipped: the two-stage recalls under the plain names
+    alone = run(2)
+    assert {k: alone[k] for k in RECALLS} == {k: small[f"two_stage_{k}"] for k in RECALLS}
+    assert alone["pairs_scored_exact"] == 0 and [k for k in alone if k.startswith("two_stage_")] == ["two_stage_seconds"]
 
 
 def test_rank_images_matches_exact_itm_order_with_a_wide_shortlist(finetuned, shards):

@@ -18,6 +18,7 @@ from soho_core import storage
 from soho_core.config import BackboneConfig
 
 WEIGHTS_FORMAT = "soho-backbone/1"
+CACHE_FORMAT = "soho-feature-cache/1"
 
 _BUILDERS = {
     18: ("resnet18", "ResNet18_Weights"),
@@ -145,6 +146,19 @@ def load_backbone_weights(backbone: Backbone, cfg: BackboneConfig) -> None:
     backbone.load_state_dict(saved["state"])
 
 
+def cnn_digest(backbone: Backbone, how: str) -> str:
+    """A name for what ``backbone`` computes: its architecture and weights, and ``how`` it runs
+    (device, precision, memory layout). Two CNNs with the same digest give an image the same
+    features, so a :class:`FeatureCache` saved under it may serve either."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(backbone).__name__} stride={backbone.stride} {how}".encode())
+    for name, tensor in backbone.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class FeatureCache:
     """A frozen CNN's features, kept per image so that an image seen again is not run again.
 
@@ -160,6 +174,41 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self._store: dict[bytes, torch.Tensor] = {}
+        self._loaded = 0  # entries read by load(): save() writes only when there are more
+
+    def load(self, uri: str) -> int:
+        """Add the features a :meth:`save` of the same CNN left at ``uri`` (nothing if there is no
+        file), within the budget; returns how many. A file that cannot be read is an error that
+        names it: it may be deleted, and is then rebuilt."""
+        if not storage.exists(uri):
+            return 0
+        try:
+            saved = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+            if saved.get("format") != CACHE_FORMAT:
+                raise ValueError(f"not a {CACHE_FORMAT} file")
+        except Exception as exc:
+            raise ValueError(f"feature cache {uri!r} is unreadable ({exc}); delete it and it is rebuilt") from exc
+        added = 0
+        for key, feat in saved["features"].items():
+            size = feat.numel() * feat.element_size()
+            key = bytes.fromhex(key)
+            if key in self._store or self.used + size > self.max_bytes:
+                continue
+            self._store[key] = feat
+            self.used += size
+            added += 1
+        self._loaded = len(self._store)
+        return added
+
+    def save(self, uri: str) -> bool:
+        """Write every kept feature to ``uri`` (atomically) if this cache holds more than it loaded."""
+        if len(self._store) <= self._loaded:
+            return False
+        buf = io.BytesIO()
+        torch.save({"format": CACHE_FORMAT, "features": {k.hex(): v for k, v in self._store.items()}}, buf)
+        storage.write_bytes_atomic(uri, buf.getvalue())
+        self._loaded = len(self._store)
+        return True
 
     def __len__(self) -> int:
         return len(self._store)

@@ -38,6 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from soho_core import storage
+from soho_core.env import runtime_env
 
 if TYPE_CHECKING:
     from soho_core.report import Report
@@ -374,8 +375,12 @@ def finetune(task: str, preset: str, shards: str, init: str, store_root: str, ru
     load_config(preset, list(overrides))
     _check_store([shards, init], [store_root])
     out = run_uri(store_root, run_id, task)
+    env = tracking_env(run_id, wandb_project)
+    threads = runtime_env().task_threads  # a local run training several tasks at once shares the cores
+    if threads:
+        env["OMP_NUM_THREADS"] = str(max(1, threads // max(1, procs)))
     run_torchrun(soho_args("finetune", preset, shards, out, overrides, init=init, task=task),
-                 procs=max(1, procs), timeout_s=timeout_s, env=tracking_env(run_id, wandb_project))
+                 procs=max(1, procs), timeout_s=timeout_s, env=env)
     return out
 
 
@@ -393,6 +398,11 @@ def evaluate(task: str, checkpoint: str, shards: str, overrides: Sequence[str] =
 
     _check_task(task, DOWNSTREAM)
     _check_store([shards], [checkpoint])
+    threads = runtime_env().task_threads  # a local run evaluating several tasks at once shares the cores
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     out = storage.join(checkpoint, "metrics.json")
     report = run_evaluation(get_task(task), checkpoint, shards, out, split=split,
                             overrides=evaluation_overrides(overrides))

@@ -31,7 +31,7 @@ from soho_core.data.shards import load_index, shard_urls
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
 from soho_core.env import runtime_env
-from soho_core.models.backbone import load_backbone_weights
+from soho_core.models.backbone import FeatureCache, cnn_digest, load_backbone_weights
 from soho_core.train.checkpoint import clean_unpublished, latest_checkpoint, load_checkpoint, save_checkpoint
 from soho_core.train.distributed import all_reduce_sum, barrier, init_distributed
 from soho_core.train.optim import build_optimizers, build_schedulers
@@ -175,10 +175,10 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
             print(f"resuming from {resume_uri} at step {start} (restart {env.torchelastic_restart}; "
                   f"{images_seen} images seen)", flush=True)
     del init_state, resume_state
-    cache = None
+    cache = cache_uri = None
     if cfg.optim.backbone_lr == 0 and tc.feature_cache_mb > 0:
         # After every load: the cached features must be those of the weights that train.
-        cache = model.trunk.cache_features(tc.feature_cache_mb * 2 ** 20)
+        cache, cache_uri = _feature_cache(model, cfg, device, precision, info.is_main)
     metrics = MetricsLog(out_uri, enabled=info.is_main)
     wandb_run = WandbRun(tc.wandb and info.is_main, tracking_run_id(out_uri, wandb_id) if info.is_main else "",
                          out_uri, job_type="pretrain" if task.name == "pretrain" else f"finetune-{task.name}",
@@ -287,7 +287,25 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
                             pause_s=pause[1] if pause and pause[0] == step + 1 else 0.0)
     finally:
         wandb_run.finish()
+    if cache_uri and info.is_main:
+        cache.save(cache_uri)
     return TrainResult(model=model, last_metrics=last, out=out_uri)
+
+
+def _feature_cache(model: nn.Module, cfg: SohoConfig, device: torch.device, precision: str,
+                   is_main: bool) -> tuple[FeatureCache, str | None]:
+    """Cache the frozen CNN's features (``train.feature_cache_mb``), filled from the file that
+    ``train.feature_cache_dir`` keeps for this very CNN, if any: (the cache, that file or None)."""
+    tc = cfg.train
+    cache = model.trunk.cache_features(tc.feature_cache_mb * 2 ** 20)
+    if not tc.feature_cache_dir:
+        return cache, None
+    how = f"device={device.type} precision={precision} channels_last={cfg.model.backbone.channels_last}"
+    uri = storage.join(tc.feature_cache_dir, cnn_digest(model.trunk.backbone, how) + ".pt")
+    loaded = cache.load(uri)
+    if is_main:
+        print(f"feature cache {uri}: {loaded} images' CNN features", flush=True)
+    return cache, uri
 
 
 def wandb_run_id(run: WandbRun, out_uri: str) -> str | None:
@@ -345,7 +363,15 @@ def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, s
     info = init_distributed("auto")
     model, cfg, tokenizer = load_task_model(task, checkpoint, info.device)
     apply_overrides(cfg, overrides)
+    cache_uri = None
+    if cfg.train.feature_cache_dir and cfg.train.feature_cache_mb > 0:
+        # In evaluation every CNN is still (no gradients, batch norms on their running statistics),
+        # so its features may come from, and go to, the run's feature cache.
+        model.trunk.backbone.freeze()
+        cache, cache_uri = _feature_cache(model, cfg, info.device, "fp32", info.is_main)  # evaluation runs in fp32
     result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
+    if cache_uri and info.is_main:
+        cache.save(cache_uri)
     report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics,
               **result.measurement()}
     if out_file:
