@@ -121,6 +121,25 @@ def test_position_encoding_does_not_depend_on_padding():
     assert pos[0].unique(dim=0).shape[0] == 12
 
 
+def test_concat_pooling_keeps_where_a_feature_sits_inside_its_window():
+    torch.manual_seed(0)
+    embed = {m: VisualEmbedding(in_channels=4, dim=16, pool=2, backbone_stride=16, pool_mode=m).eval()
+             for m in ("max", "concat")}
+    # One response moved inside the same 2x2 window: max pooling cannot tell the two maps apart.
+    a, b = torch.zeros(1, 4, 4, 5), torch.zeros(1, 4, 4, 5)
+    a[0, 1, 0, 0], b[0, 1, 1, 1] = 3.0, 3.0
+    sizes = torch.tensor([[64, 80]])
+    outs = {m: [e.project(x, sizes) for x in (a, b)] for m, e in embed.items()}
+    assert torch.equal(outs["max"][0][0], outs["max"][1][0])
+    assert not torch.allclose(outs["concat"][0][0], outs["concat"][1][0])
+    # Same grid and mask either way: a 5-wide map keeps its last, partial window (zero-padded).
+    for m in embed:
+        v, mask, grid = outs[m][0]
+        assert grid == (2, 3) and v.shape == (1, 6, 16) and mask.all()
+    with pytest.raises(ValueError, match="pool_mode"):
+        VisualEmbedding(in_channels=4, dim=16, pool=2, backbone_stride=16, pool_mode="mean")
+
+
 # ---------------------------------------------------------------------------- MVM
 
 

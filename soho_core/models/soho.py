@@ -96,7 +96,8 @@ class SohoModel(nn.Module):
         self.fusion = FusionEncoder(cfg.fusion, vocab_size)
         dim = self.fusion.hidden_size
         self.backbone = Backbone(cfg.backbone)
-        self.visual = VisualEmbedding(self.backbone.out_channels, dim, cfg.visual.pool, self.backbone.stride)
+        self.visual = VisualEmbedding(self.backbone.out_channels, dim, cfg.visual.pool, self.backbone.stride,
+                                      cfg.visual.pool_mode)
         self.dictionary: VisualDictionary | None = None
         self.gate: DictionaryGate | None = None
         self.mvm_mask_embedding: nn.Parameter | None = None

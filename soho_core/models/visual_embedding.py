@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,6 +56,25 @@ def sine_position_2d(rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, in
     return (pos * inside[..., None]).flatten(1, 2)
 
 
+POOL_MODES = ("max", "concat")
+
+
+class WindowConcat(nn.Module):
+    """(B, C, H, W) -> (B, C * k * k, ceil(H / k), ceil(W / k)): each k x k window's features side by
+    side (space to depth), the map first padded with zeros to a multiple of k."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.unshuffle = nn.PixelUnshuffle(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = -x.shape[-2] % self.k, -x.shape[-1] % self.k
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.unshuffle(x)
+
+
 class VisualEmbedding(nn.Module):
     """Pool (``pool`` x ``pool``), 1x1 conv to width ``dim``, BatchNorm; then positions + LayerNorm.
 
@@ -62,13 +82,21 @@ class VisualEmbedding(nn.Module):
     ``total_stride = backbone_stride * pool`` in pixels.
     """
 
-    def __init__(self, in_channels: int, dim: int, pool: int, backbone_stride: int):
+    def __init__(self, in_channels: int, dim: int, pool: int, backbone_stride: int, pool_mode: str = "max"):
         super().__init__()
         if dim % 4:
             raise ValueError(f"the visual width must be divisible by 4 for the 2-D sine encoding, got {dim}")
+        if pool_mode not in POOL_MODES:
+            raise ValueError(f"model.visual.pool_mode must be one of {', '.join(POOL_MODES)}, got {pool_mode!r}")
         # ceil_mode keeps a partial border window instead of dropping the last row/column of
-        # features, so every valid pixel stays covered by some token.
-        self.pool = nn.MaxPool2d(pool, pool, ceil_mode=True) if pool > 1 else nn.Identity()
+        # features, so every valid pixel stays covered by some token (concat pads with zeros to match).
+        if pool == 1:
+            self.pool: nn.Module = nn.Identity()
+        elif pool_mode == "max":
+            self.pool = nn.MaxPool2d(pool, pool, ceil_mode=True)
+        else:
+            self.pool = WindowConcat(pool)
+            in_channels *= pool * pool
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=1)
         self.bn = nn.BatchNorm2d(dim)
         self.norm = nn.LayerNorm(dim)
