@@ -41,13 +41,16 @@ class BackboneConfig:
     channels_last: bool = False
 
 
+POOL_MODES = ("max", "concat")  # model.visual.pool_mode
+
+
 @dataclass
 class VisualConfig:
     pool: int = 2  # pooling kernel = stride on the last feature map (release: 2, stride 64 overall)
     # How a pool x pool window becomes one token: "max" (the release: the window's strongest response per
     # channel) or "concat" (the window's features side by side, then the same 1x1 projection: what
     # sits where inside the window, and how much of it, survives the pooling).
-    pool_mode: str = "max"
+    pool_mode: str = "max"  # one of POOL_MODES
 
 
 @dataclass
@@ -420,7 +423,7 @@ def _validate(c: SohoConfig) -> None:
     need(m.backbone.frozen_stages < m.backbone.out_stage - 1, "model.backbone.frozen_stages",
          "must leave at least one trainable stage before model.backbone.out_stage")
     need(m.visual.pool >= 1, "model.visual.pool", "must be >= 1")
-    need(m.visual.pool_mode in ("max", "concat"), "model.visual.pool_mode", "must be \"max\" or \"concat\"")
+    need(m.visual.pool_mode in POOL_MODES, "model.visual.pool_mode", f"must be one of {', '.join(POOL_MODES)}")
     d = m.dictionary
     need(d.size >= 2, "model.dictionary.size", "must be >= 2")
     need(0.0 <= d.decay_start <= d.decay_max < 1.0, "model.dictionary.decay_start",

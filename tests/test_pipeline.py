@@ -715,3 +715,18 @@ def test_official_data_is_downloaded_into_the_store_and_sharded_per_task(coco, v
     assert steps.prepare_data(dataset, str(tmp_path / "other"), tasks=["vqa"]) == dataset
     with pytest.raises(FileNotFoundError, match=r"neither .* official layout: .*/nothing/coco is missing"):
         steps.prepare_data(str(tmp_path / "nothing"), str(store), tasks=["vqa"])
+
+
+def test_a_local_run_s_thread_share_is_read_and_a_bad_one_named(monkeypatch):
+    from soho_core.env import TASK_THREADS, runtime_env
+
+    monkeypatch.delenv(TASK_THREADS, raising=False)
+    assert runtime_env().task_threads == 0
+    monkeypatch.setenv(TASK_THREADS, "3")
+    assert runtime_env().task_threads == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(TASK_THREADS, bad)
+        with pytest.raises(ValueError, match=f"{TASK_THREADS}='{bad}'"):
+            runtime_env()
+    with pytest.raises(ValueError, match="parallelism=3"):
+        runner.run_local("unused", preset="tiny", parallelism=3)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soho_core.config import POOL_MODES
+
 
 def valid_grid(image_sizes: torch.Tensor, total_stride: int, grid: tuple[int, int]) -> torch.Tensor:
     """Valid (rows, cols) of each image on the token grid.
@@ -54,9 +56,6 @@ def sine_position_2d(rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, in
     pos = torch.cat([ey[:, :, None].expand(-1, -1, w, -1), ex[:, None].expand(-1, h, -1, -1)], -1)
     inside = (r[None, :, None] < rows[:, None, None]) & (c[None, None, :] < cols[:, None, None])
     return (pos * inside[..., None]).flatten(1, 2)
-
-
-POOL_MODES = ("max", "concat")
 
 
 class WindowConcat(nn.Module):
