@@ -67,10 +67,14 @@ def run_config(checkpoint: str, overrides: list[str] | None = None) -> SohoConfi
 
 def model_config_for(task: Task, cfg: SohoConfig, init_state: dict[str, Any] | None) -> SohoConfig:
     """The config a task model is built with: the architecture of the initialising checkpoint
-    (it must match its weights), and for fine-tuning the dictionary kept or dropped."""
+    (it must match its weights), and for fine-tuning the dictionary kept or dropped. The fusion's
+    dropout is a training setting, not architecture: the run's own value stands (a fine-tune may
+    regularise where pre-training did not)."""
     cfg = copy.deepcopy(cfg)
     if init_state is not None:
+        dropout = cfg.model.fusion.dropout
         cfg.model = config_from_dict(init_state["config"]).model
+        cfg.model.fusion.dropout = dropout
     if task.name != "pretrain":
         cfg.model.dictionary.enabled = cfg.model.dictionary.enabled and cfg.finetune.keep_dictionary
     return cfg.validate()
