@@ -529,12 +529,18 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     pre-training, two fine-tuned and evaluated tasks (the fan-out), the report."""
     from soho_core.cli import main
 
+    import builtins
+    import logging
+
+    before = builtins.print, logging.getLogger().handlers[:]
     work = tmp_path / "work"
     code = main(["pipeline", "run", "--local", "--preset", "tiny", "--work-dir", str(work), "--tasks", "vqa,nlvr2",
                  "--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", "finetune.max_steps=4",
                  "--param", "seed=3"])
     out = capsys.readouterr().out
     assert code == 0
+    # Two tasks ran in threads, and the process prints and logs as it did before (see below).
+    assert (builtins.print, logging.getLogger().handlers) == before
     (report,) = (work / "store" / "runs").glob("*/report/report.md")
     assert f"report: {report}" in out
     assert "| vqa | test |" in out and "| nlvr2 | test |" in out
@@ -730,3 +736,34 @@ def test_a_local_run_s_thread_share_is_read_and_a_bad_one_named(monkeypatch):
             runtime_env()
     with pytest.raises(ValueError, match="parallelism=3"):
         runner.run_local("unused", preset="tiny", parallelism=3)
+
+
+def test_a_local_run_leaves_print_and_logging_as_it_found_them():
+    """kfp.local swaps ``print`` and the root logger's handlers around every task and restores what
+    it saw on entry. The two tasks of a ParallelFor run in threads; interleaved, they left the
+    process printing indented lines and logging to a closed test stream (lost output and "Logging
+    error" in the tests after the local pipeline, in a CI run on a loaded machine)."""
+    import builtins
+    import logging
+
+    from kfp.local import logging_utils
+
+    root = logging.getLogger()
+    before_print, before_handlers = builtins.print, root.handlers[:]
+
+    def two_tasks_interleaved():
+        for swap in (logging_utils.indented_print, logging_utils.local_logger_context):
+            first, second = swap(), swap()
+            first.__enter__()
+            second.__enter__()
+            first.__exit__(None, None, None)
+            second.__exit__(None, None, None)
+
+    try:
+        two_tasks_interleaved()
+        assert builtins.print is not before_print and root.handlers != before_handlers  # the hazard
+    finally:
+        builtins.print, root.handlers[:] = before_print, before_handlers
+    with runner.process_globals_kept():
+        two_tasks_interleaved()
+    assert builtins.print is before_print and root.handlers == before_handlers

@@ -19,7 +19,10 @@ PyTorchJob. Its sizes come from :data:`LOCAL_DEFAULTS` for the preset.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -252,7 +255,8 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
         if parallelism > 1:
             os.environ[TASK_THREADS] = str(max(1, (os.cpu_count() or 1) // parallelism))
         try:
-            _pipeline_func(parallelism, retry_backoff="0s")(**args)
+            with process_globals_kept():
+                _pipeline_func(parallelism, retry_backoff="0s")(**args)
         finally:
             if parallelism > 1:
                 if threads is None:
@@ -263,6 +267,25 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
     report_uri = storage.read_json(status_uri(args["store_root"], run_id))["report"]
     summary = storage.read_json(storage.join(report_uri.rsplit("/", 1)[0], "summary.json"))
     return LocalRun(report_uri=report_uri, summary=summary, seconds=time.perf_counter() - start, arguments=args)
+
+
+@contextlib.contextmanager
+def process_globals_kept():
+    """Put back ``builtins.print`` and the root logger's handlers and level when the block ends.
+
+    kfp.local swaps both around every task (an indenting ``print``, a handler on ``sys.stdout``)
+    and restores what it saw on entry. Two tasks of a ParallelFor run in threads: when their swaps
+    interleave, the second restores the first's, and the process is left printing every line
+    indented and logging to a stream that may be closed by then (seen as lost output and "Logging
+    error" in the tests that ran after a local pipeline)."""
+    root = logging.getLogger()
+    saved_print, handlers, level = builtins.print, root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        builtins.print = saved_print
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _finished_runs(store_root: str) -> set[str]:
