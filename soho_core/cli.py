@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=128)
     s.add_argument("--min-objects", type=int, default=2)
     s.add_argument("--max-objects", type=int, default=4)
+    s.add_argument("--questions-per-image", type=int, default=4,
+                   help="distinct VQA questions per image (fewer where a scene allows fewer)")
 
     sh = data.add_parser("shard", help="write webdataset shards + index.json")
     sh.add_argument("--source", required=True, choices=["synthetic", *OFFICIAL_SOURCES])
@@ -215,7 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         from soho_core.data.synthetic import synthesize
 
         manifest = synthesize(args.out, num_images=args.num_images, seed=args.seed, image_size=args.image_size,
-                              min_objects=args.min_objects, max_objects=args.max_objects)
+                              min_objects=args.min_objects, max_objects=args.max_objects,
+                              questions_per_image=args.questions_per_image)
         print(json.dumps({"out": args.out, "counts": manifest["counts"]}))
         return 0
     if args.command == "data" and args.data_command == "download":

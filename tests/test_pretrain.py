@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,14 @@ def test_cli_data_synth_and_shard(tmp_path, capsys):
     assert (shards / "pretrain" / "index.json").exists()
     assert main(["data", "synth", "--out", str(syn), "--num-images", "0"]) == 2
     assert "num_images" in capsys.readouterr().err
+    more = tmp_path / "more"
+    assert main(["data", "synth", "--out", str(more), "--num-images", "20", "--seed", "3", "--image-size", "64",
+                 "--questions-per-image", "8"]) == 0
+    per_image = Counter(json.loads(line)["image_id"] for line in (more / "vqa.jsonl").read_text().splitlines())
+    assert len(per_image) == 20 and max(per_image.values()) == 8 and sum(per_image.values()) > 4 * 20
+    assert (more / "captions.jsonl").read_text() == (syn / "captions.jsonl").read_text()  # same scenes and captions
+    assert main(["data", "synth", "--out", str(more), "--num-images", "20", "--questions-per-image", "0"]) == 2
+    assert "questions_per_image" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs():
