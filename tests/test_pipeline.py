@@ -4,7 +4,9 @@ resources, typed artifacts pointing into the store, the pipeline root), its argu
 checked before work, the report reads what training and evaluation write, and the whole DAG
 runs on this machine under kfp.local."""
 
+import builtins
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -529,9 +531,6 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
     pre-training, two fine-tuned and evaluated tasks (the fan-out), the report."""
     from soho_core.cli import main
 
-    import builtins
-    import logging
-
     before = builtins.print, logging.getLogger().handlers[:]
     work = tmp_path / "work"
     code = main(["pipeline", "run", "--local", "--preset", "tiny", "--work-dir", str(work), "--tasks", "vqa,nlvr2",
@@ -743,9 +742,6 @@ def test_a_local_run_leaves_print_and_logging_as_it_found_them():
     it saw on entry. The two tasks of a ParallelFor run in threads; interleaved, they left the
     process printing indented lines and logging to a closed test stream (lost output and "Logging
     error" in the tests after the local pipeline, in a CI run on a loaded machine)."""
-    import builtins
-    import logging
-
     from kfp.local import logging_utils
 
     root = logging.getLogger()

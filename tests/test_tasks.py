@@ -23,15 +23,20 @@ def _first_batch(task_name, shards, cfg):
     return task, tok, next(iter(task.loader(str(shards), "train", cfg, tok, seed=0, train=True)))
 
 
-def test_a_fine_tune_keeps_the_checkpoint_s_architecture_but_its_own_dropout():
+def test_a_fine_tune_keeps_the_checkpoint_s_architecture_but_its_own_dropout(caplog):
     """The model config comes from the initialising checkpoint (the weights must fit), except the
-    fusion's dropout: a training setting the fine-tune's --set must reach (it was silently dropped)."""
+    fusion's dropout: a training setting the fine-tune's --set must reach (it was silently dropped).
+    A model setting that cannot apply is named in the log."""
     init = load_config("tiny", ["model.fusion.dropout=0.0"])
     task = get_task("vqa")
-    cfg = model_config_for(task, load_config("tiny", [*TINY, "model.fusion.dropout=0.3", "model.fusion.hidden_size=96"]),
-                           init_state={"config": init.to_dict()})
+    with caplog.at_level("INFO", logger="soho_core.train.engine"):
+        cfg = model_config_for(task, load_config("tiny", [*TINY, "model.fusion.dropout=0.3",
+                                                          "model.fusion.hidden_size=96"]),
+                               init_state={"config": init.to_dict()})
     assert cfg.model.fusion.dropout == 0.3
     assert cfg.model.fusion.hidden_size == init.model.fusion.hidden_size == 64
+    (line,) = [r.getMessage() for r in caplog.records if "do not apply" in r.getMessage()]
+    assert "model.fusion.hidden_size=96 (checkpoint: 64)" in line and "dropout" not in line
     model = task.build_model(cfg, len(build_tokenizer("synthetic")), {"answer_vocab": ["yes", "no"]})
     probs = {m.p for m in model.trunk.fusion.modules() if isinstance(m, torch.nn.Dropout)}
     assert probs == {0.3}

@@ -17,7 +17,7 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -73,11 +73,24 @@ def model_config_for(task: Task, cfg: SohoConfig, init_state: dict[str, Any] | N
     cfg = copy.deepcopy(cfg)
     if init_state is not None:
         dropout = cfg.model.fusion.dropout
+        given = cfg.model
         cfg.model = config_from_dict(init_state["config"]).model
         cfg.model.fusion.dropout = dropout
+        ignored = _differences(asdict(given), asdict(cfg.model), "model")
+        if ignored:  # a --set model.* that cannot apply: say so, rather than drop it unseen
+            log.info("the model is the initialising checkpoint's; these settings of this run do not apply: %s",
+                     ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, mine, theirs in ignored))
     if task.name != "pretrain":
         cfg.model.dictionary.enabled = cfg.model.dictionary.enabled and cfg.finetune.keep_dictionary
     return cfg.validate()
+
+
+def _differences(mine: Any, theirs: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, mine, theirs) for every leaf where two nested config dicts differ."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        return [d for k in sorted(mine.keys() | theirs.keys())
+                for d in _differences(mine.get(k), theirs.get(k), f"{key}.{k}")]
+    return [] if mine == theirs else [(key, mine, theirs)]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
