@@ -197,6 +197,7 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         image_size: int = 128,
         min_objects: int = 2,
         max_objects: int = 4,
+        questions_per_image: int = 16,
         seed: int = 0,
         backbone_steps: int = 500,
         launcher: str = "pytorchjob",
@@ -208,7 +209,8 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
     ):
         """Writes the report to ``runs/<run id>/report/report.md`` and the run's final state to
         ``runs/<run id>/status.json`` under ``store_root``. ``data_source`` is ``synthetic`` (the built-in
-        world; ``num_images``, ``image_size``, ``min_objects``, ``max_objects`` and ``seed`` size it),
+        world; ``num_images``, ``image_size``, ``min_objects``, ``max_objects``, ``questions_per_image`` and
+        ``seed`` size it),
         ``official`` (download COCO, VG, VQA v2, Karpathy, NLVR2, SNLI-VE as the tasks need into
         ``store_root``; NLVR2 and Flickr30K images are user-provided) or the URI of a dataset already
         in place. ``backbone_steps`` > 0 first trains the preset's CNN that many steps on the objects' shape,
@@ -227,7 +229,8 @@ def build_pipeline(parallelism: int = 0, image: str = IMAGE, image_pull_policy: 
         _image(done, *pulled)
         with dsl.ExitHandler(done, name="run"):
             data_task = data(source=data_source, store_root=store_root, num_images=num_images, seed=seed,
-                             image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks)
+                             image_size=image_size, min_objects=min_objects, max_objects=max_objects, tasks=tasks,
+                             questions_per_image=questions_per_image)
             _io_step(data_task, s3_secret, cache=True, backoff=retry_backoff).set_display_name("data")
             _image(data_task, *pulled)
 

@@ -259,7 +259,8 @@ def test_pytorchjob_arguments_are_a_valid_soho_pretrain(rendered, pipeline_defau
         from soho_core.pipeline.steps import dataset_uri
 
         p = pipeline_defaults
-        dataset = dataset_uri(p["store_root"], p["num_images"], p["seed"], p["image_size"]).rsplit("/", 1)[-1]
+        dataset = dataset_uri(p["store_root"], p["num_images"], p["seed"], p["image_size"], p["min_objects"],
+                              p["max_objects"], p["questions_per_image"]).rsplit("/", 1)[-1]
         assert args.data == f"{p['store_root']}/shards/{dataset}"
 
 

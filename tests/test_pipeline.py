@@ -429,6 +429,21 @@ def test_submit_builds_the_client_call(tmp_path):
         runner.submit("kfp.example.com", {}, client=client)
 
 
+def test_the_data_step_names_each_world_by_its_options_and_reuses_only_the_same(tmp_path, capsys):
+    kw = dict(num_images=12, seed=2, image_size=32, min_objects=1, max_objects=2)
+    four = steps.prepare_data("synthetic", str(tmp_path), **kw)
+    eight = steps.prepare_data("synthetic", str(tmp_path), questions_per_image=8, **kw)
+    assert Path(four).name == "synthetic-n12-s2-px32-obj1to2" and Path(eight).name == "synthetic-n12-s2-px32-obj1to2-q8"
+    assert steps.prepare_data("synthetic", str(tmp_path), questions_per_image=8, **kw) == eight
+    assert "already complete" in capsys.readouterr().out
+    # A world written by another version of the generator (or with other options) is rendered again.
+    manifest = json.loads((Path(eight) / "manifest.json").read_text())
+    (Path(eight) / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    steps.prepare_data("synthetic", str(tmp_path), questions_per_image=8, **kw)
+    assert "holds another world (version=1)" in capsys.readouterr().out
+    assert json.loads((Path(eight) / "manifest.json").read_text()) == manifest
+
+
 def test_steps_reject_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="data source 'imagenet'"):
         steps.prepare_data("imagenet", str(tmp_path))
@@ -462,9 +477,9 @@ def test_the_backbone_step_trains_the_cnn_on_a_second_world_once(synthetic_dir, 
     store = tmp_path / "store"
     overrides = ["optim.backbone_lr=0", "finetune.head_lr_mult=1", "train.seed=5"]
     out = steps.warm_backbone(str(synthetic_dir), str(store), "tiny", 2, overrides)
-    assert Path(out).parent == store / "backbones" and Path(out).name.startswith("synthetic-n160-s1-px64-tiny-2-")
-    assert "synthetic-n160-s1-px64" in capsys.readouterr().out
-    assert json.loads((store / "datasets" / "synthetic-n160-s1-px64" / "manifest.json").read_text())["seed"] == 1
+    assert Path(out).parent == store / "backbones" and Path(out).name.startswith("synthetic-n160-s1-px64-obj1to2-tiny-2-")
+    assert "synthetic-n160-s1-px64-obj1to2" in capsys.readouterr().out
+    assert json.loads((store / "datasets" / "synthetic-n160-s1-px64-obj1to2" / "manifest.json").read_text())["seed"] == 1
     torch.manual_seed(5)
     untrained = Backbone(load_config("tiny").model.backbone).state_dict()
     saved = torch.load(out, weights_only=True)["state"]
@@ -551,9 +566,9 @@ def test_local_pipeline_runs_end_to_end(tmp_path, capsys):
         assert (run / task / "checkpoints" / "latest.json").exists()
     # The CNN warm start trained on a second world (the next seed) and pre-training started from it.
     (cnn,) = (work / "store" / "backbones").glob("*.pt")
-    assert cnn.name.startswith("synthetic-n160-s4-px64-tiny-4-")
+    assert cnn.name.startswith("synthetic-n160-s4-px64-obj1to2-tiny-4-")
     assert sorted(p.name for p in (work / "store" / "datasets").iterdir()) == [
-        "synthetic-n160-s3-px64", "synthetic-n160-s4-px64"]
+        "synthetic-n160-s3-px64-obj1to2", "synthetic-n160-s4-px64-obj1to2"]
     assert json.loads((run / "pretrain" / "config.json").read_text())["model"]["backbone"]["weights"] == str(cnn)
     steps_logged = [json.loads(l)["step"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [2, 4]

@@ -136,7 +136,8 @@ def test_cli_data_synth_and_shard(tmp_path, capsys):
                  "--questions-per-image", "8"]) == 0
     per_image = Counter(json.loads(line)["image_id"] for line in (more / "vqa.jsonl").read_text().splitlines())
     assert len(per_image) == 20 and max(per_image.values()) == 8 and sum(per_image.values()) > 4 * 20
-    assert (more / "captions.jsonl").read_text() == (syn / "captions.jsonl").read_text()  # same scenes and captions
+    for name in ("scenes", "captions", "ve", "nlvr2"):  # the same scenes, captions and hypotheses
+        assert (more / f"{name}.jsonl").read_text() == (syn / f"{name}.jsonl").read_text(), name
     assert main(["data", "synth", "--out", str(more), "--num-images", "20", "--questions-per-image", "0"]) == 2
     assert "questions_per_image" in capsys.readouterr().err
 

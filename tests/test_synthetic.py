@@ -181,10 +181,21 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert _read(tmp_path / "d", "scenes")[:24] == _read(tmp_path / "a", "scenes")
 
 
+def test_each_task_draws_its_texts_from_its_own_stream(tmp_path):
+    """More questions per image leave the captions and hypotheses as they were (version 1 drew
+    them from one stream, so 16 questions per image redrew every hypothesis)."""
+    synthesize(str(tmp_path / "a"), seed=5, num_images=24, image_size=64, questions_per_image=4)
+    synthesize(str(tmp_path / "b"), seed=5, num_images=24, image_size=64, questions_per_image=12)
+    for name in ("scenes", "captions", "ve", "nlvr2"):
+        assert _read(tmp_path / "a", name) == _read(tmp_path / "b", name), name
+    fewer, more = _read(tmp_path / "a", "vqa"), _read(tmp_path / "b", "vqa")
+    assert len(more) > 2 * len(fewer)
+
+
 def test_layout_and_counts_match_manifest(world):
     root, manifest, data = world
     assert json.loads((root / "manifest.json").read_text()) == manifest
-    assert manifest["generator"] == "soho-synthetic" and manifest["version"] == 1
+    assert manifest["generator"] == "soho-synthetic" and manifest["version"] == 2
     assert (manifest["seed"], manifest["num_images"], manifest["image_size"]) == (3, 400, 64)
     assert manifest["vocabulary"] == vocabulary()
     images = sorted(p.stem for p in (root / "images").glob("*.png"))

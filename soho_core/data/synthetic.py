@@ -28,9 +28,11 @@ it (trying templates in random order). So yes/no is near 50/50, NLVR2 true/false
 50/50 and VE near 1/3 each within every template, and a template's answers are spread over
 what scenes allow. NLVR2 pairs each image with a random other image of its split.
 
-Determinism. Image i draws from ``random.Random(f"soho-synthetic/{seed}/{i}")`` and its
-split from a separate stream, so image i and its split do not depend on ``num_images``;
-annotations depend on the balancer, i.e. on the images before them. The same arguments
+Determinism. Image i draws its scene from ``random.Random(f"soho-synthetic/{seed}/{i}")``, its
+split, captions, questions and hypotheses each from a stream of its own, so image i and its split
+do not depend on ``num_images``, nor one task's texts on how many another task draws (16
+questions per image instead of 4 leave the captions and hypotheses as they were); annotations
+depend on the balancer, i.e. on the images before them. The same arguments
 give byte-identical files. Layout (any fsspec URI; manifest.json is written last, and a
 stale one is removed first, so its presence marks a complete dataset)::
 
@@ -85,6 +87,8 @@ NOISE = 10  # +- grey levels per pixel before the 2x box filter
 MAX_OBJECTS = 8  # counts in texts stop at "eight"
 SHAPE_REUSE, COLOR_REUSE = 0.35, 0.3  # chance that a new object repeats a shape (colour) already there
 VE_PER_IMAGE = 3
+# The generator's version, in every manifest: 2 draws each task's texts from a stream of its own.
+VERSION = 2
 NLVR2_PER_PAIR = 2
 SPLITS = ("train", "val", "test")
 
@@ -261,6 +265,11 @@ def _validate(out, num_images, seed, image_size, min_objects, max_objects, capti
     return fractions
 
 
+def _stream(task: str, seed: int, i: int) -> random.Random:
+    """The random stream of one task's texts about image i."""
+    return random.Random(f"soho-synthetic/{task}/{seed}/{i}")
+
+
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
 
@@ -285,8 +294,7 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
     by_split: dict[str, list[str]] = {name: [] for name in SPLITS}
     for i in range(num_images):
         image_id, split = f"syn-{i:06d}", split_of(seed, i, fractions)
-        rng = random.Random(f"soho-synthetic/{seed}/{i}")
-        scene = sample_scene(rng, min_objects, max_objects)
+        scene = sample_scene(random.Random(f"soho-synthetic/{seed}/{i}"), min_objects, max_objects)
         scenes[image_id] = scene
         by_split[split].append(image_id)
         png = io.BytesIO()
@@ -294,12 +302,12 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
         fs.pipe_file(f"{root}/images/{image_id}.png", png.getvalue())
         base = {"image_id": image_id, "split": split}
         files["scenes"].append(scene_record(scene, image_id, split, image_size))
-        files["captions"].append({**base, "captions": captions_for(scene, rng, captions_per_image)})
-        for k, q in enumerate(vqa_for(scene, rng, questions_per_image, balancer)):
+        files["captions"].append({**base, "captions": captions_for(scene, _stream("captions", seed, i), captions_per_image)})
+        for k, q in enumerate(vqa_for(scene, _stream("vqa", seed, i), questions_per_image, balancer)):
             files["vqa"].append({"question_id": f"{image_id}-q{k}", **base, "question": q["question"],
                                  "answers": q["answers"], "answer_type": q["answer_type"],
                                  "question_type": q["template"]})
-        for k, h in enumerate(ve_for(scene, rng, VE_PER_IMAGE, balancer)):
+        for k, h in enumerate(ve_for(scene, _stream("ve", seed, i), VE_PER_IMAGE, balancer)):
             files["ve"].append({"id": f"{image_id}-h{k}", **base, "hypothesis": h["hypothesis"],
                                 "label": h["label"], "template": h["template"]})
     for split, ids in by_split.items():
@@ -316,7 +324,7 @@ def synthesize(out: str, num_images: int, seed: int = 0, image_size: int = 128, 
     for name, records in files.items():
         fs.pipe_file(f"{root}/{name}.jsonl", _jsonl(records))
         counts[f"{name}.jsonl"] = {s: sum(r["split"] == s for r in records) for s in SPLITS}
-    manifest = {"generator": "soho-synthetic", "version": 1, "seed": seed, "num_images": num_images,
+    manifest = {"generator": "soho-synthetic", "version": VERSION, "seed": seed, "num_images": num_images,
                 "image_size": image_size, "counts": counts, "vocabulary": vocabulary(),
                 "options": {"min_objects": min_objects, "max_objects": max_objects,
                             "captions_per_image": captions_per_image, "questions_per_image": questions_per_image,

@@ -102,8 +102,16 @@ def location(artifact: Any) -> str:
         raise ValueError(f"artifact {artifact.name!r} ({artifact.uri}) names no location in the store: {err}") from None
 
 
-def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int) -> str:
-    return storage.join(store_root, "datasets", f"synthetic-n{num_images}-s{seed}-px{image_size}")
+def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int, min_objects: int = 2,
+                max_objects: int = 4, questions_per_image: int = 4) -> str:
+    """Where the synthetic world of these options lives: named by every option that is not the
+    generator's default, so two worlds never share a folder."""
+    name = f"synthetic-n{num_images}-s{seed}-px{image_size}"
+    if (min_objects, max_objects) != (2, 4):
+        name += f"-obj{min_objects}to{max_objects}"
+    if questions_per_image != 4:
+        name += f"-q{questions_per_image}"
+    return storage.join(store_root, "datasets", name)
 
 
 def official_uri(store_root: str) -> str:
@@ -117,7 +125,7 @@ def _is_synthetic(dataset: str) -> bool:
 @_storage_errors_in_one_line
 def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int = 0, image_size: int = 128,
                  min_objects: int = 2, max_objects: int = 4, tasks: Sequence[str] = (),
-                 download_sources=None) -> str:
+                 download_sources=None, questions_per_image: int = 4) -> str:
     """The data step; returns the dataset URI the shard steps read.
 
     ``source``: ``"synthetic"`` renders the synthetic world under ``store_root/datasets/``;
@@ -129,14 +137,22 @@ def prepare_data(source: str, store_root: str, num_images: int = 2000, seed: int
     """
     _check_store([source], [store_root])  # a source that is no URI is no S3 location either
     if source == "synthetic":
-        out = dataset_uri(store_root, num_images, seed, image_size)
-        if storage.exists(storage.join(out, "manifest.json")):
-            print(f"dataset already complete at {out}", flush=True)
-            return out
-        from soho_core.data.synthetic import synthesize
+        from soho_core.data.synthetic import VERSION, synthesize
 
+        out = dataset_uri(store_root, num_images, seed, image_size, min_objects, max_objects, questions_per_image)
+        wanted = {"version": VERSION, "seed": seed, "num_images": num_images, "image_size": image_size,
+                  "min_objects": min_objects, "max_objects": max_objects, "questions_per_image": questions_per_image}
+        if storage.exists(storage.join(out, "manifest.json")):
+            old = storage.read_json(storage.join(out, "manifest.json"))
+            found = {k: old.get(k, old.get("options", {}).get(k)) for k in wanted}
+            if found == wanted:
+                print(f"dataset already complete at {out}", flush=True)
+                return out
+            print(f"{out} holds another world ({', '.join(f'{k}={found[k]}' for k in wanted if found[k] != wanted[k])}):"
+                  f" rendering it again", flush=True)
         manifest = synthesize(out, num_images=num_images, seed=seed, image_size=image_size,
-                              min_objects=min_objects, max_objects=max_objects)
+                              min_objects=min_objects, max_objects=max_objects,
+                              questions_per_image=questions_per_image)
         print(json.dumps({"out": out, "counts": manifest["counts"]}), flush=True)
         return out
     if source == "official":
@@ -203,7 +219,8 @@ def warm_backbone(dataset: str, store_root: str, preset: str, steps: int, overri
         print(f"{dataset} has no object labels (not a synthetic world): the CNN starts as the preset says",
               flush=True)
         return ""
-    world_uri = dataset_uri(store_root, world["num_images"], world["seed"], world["image_size"])
+    world_uri = dataset_uri(store_root, world["num_images"], world["seed"], world["image_size"],
+                            world["min_objects"], world["max_objects"])
     settings = cfg.to_dict()
     decided = json.dumps({"world": world, "steps": steps, "backbone": settings["model"]["backbone"],
                           "data": settings["data"], "optim": settings["optim"], "seed": cfg.train.seed}, sort_keys=True)

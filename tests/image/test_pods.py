@@ -134,7 +134,7 @@ def test_manifest_pytorchjob_trains_across_two_containers_and_survives_a_killed_
     # The manifest names components.IMAGE; a CPU-only cluster pushes the CPU build under it.
     podman("tag", image, components.IMAGE)
     endpoint, client, secret = store
-    target = "shards/synthetic-n2000-s0-px128/"  # where the manifest's --data points
+    target = "shards/synthetic-n2000-s0-px128-q16/"  # where the manifest's --data points
     for obj in client.list_objects_v2(Bucket="soho", Prefix="shards/")["Contents"]:
         if obj["Key"].startswith(target):
             continue
