@@ -13,6 +13,7 @@ import webdataset as wds
 
 from soho_core.config import load_config
 from soho_core.data.shards import ShardSink, load_index, shard_urls, write_index
+from soho_core.data.synthetic import NLVR2_PER_PAIR
 from soho_core.data.tokenizer import build_tokenizer
 from soho_core.data.transforms import decode_image, pad_batch
 from soho_core.tasks.catalog import get_task
@@ -68,11 +69,13 @@ def test_batch_pairs_each_statement_with_its_own_left_and_right_images(world):
         png = (synth / "images" / f"{batch.image_ids[row]}.png").read_bytes()
         expect, _ = pad_batch([decode_image(png, cfg.data.image_min, cfg.data.image_max)], cfg.data.size_divisor)
         assert torch.equal(batch.images[row], expect[0])
-    # Training takes up to sentence_group distinct statements per pair: synthetic pairs have 2, so
-    # both, each once (drawn with replacement, half of them were duplicates).
-    train = _first_batch(shards, train=True, cfg=cfg)
-    assert cfg.data.sentence_group > 2 and train.num_texts == 2 * len(train.pair_ids)
+    # Training takes up to sentence_group distinct statements per pair: with more asked for than a
+    # synthetic pair has, each of them once (drawn with replacement, half of them were duplicates).
+    train = _first_batch(shards, train=True, cfg=_cfg(f"data.sentence_group={NLVR2_PER_PAIR + 2}"))
+    assert train.num_texts == NLVR2_PER_PAIR * len(train.pair_ids)
     assert len(set(train.ids)) == train.num_texts
+    train = _first_batch(shards, train=True, cfg=_cfg("data.sentence_group=2"))
+    assert train.num_texts == 2 * len(train.pair_ids) and len(set(train.ids)) == train.num_texts
 
 
 def test_head_forward_and_backward_reach_backbone_and_head(world):
