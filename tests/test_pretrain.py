@@ -114,7 +114,7 @@ def test_tiny_pretraining_grounds_itm_in_the_image(tiny_learning_run):
     assert rows[-1]["acc_itc"] > 0.3, rows[-1]  # 8 images a batch: chance is 0.125
     # ... and on the images it never saw, val and test pooled: each split holds 13-16 images and about
     # 20 pairs, where one pair moves the score by 0.05 (on the world of version 2 the test split alone
-    # scored 0.560 in one fresh-clone CI run, and above 0.57 in two runs here).
+    # scored 0.560 in a fresh-clone CI run, and above 0.57 in a run here on one thread).
     pairs = sum(r["num_examples"] for r in held)
     pooled = sum(r["metrics"]["acc_itm"] * r["num_examples"] for r in held) / pairs
     assert pooled > 0.57, held

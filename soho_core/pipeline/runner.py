@@ -34,7 +34,8 @@ from soho_core import storage
 # What a local run uses for each preset: the synthetic world's size and the training budget.
 # demo: the whole DAG in about 19 minutes on 2 CPU cores (issue 14's target is 12). Retrieval's steps cost
 # about 3x a VQA step (hard negatives), so it gets fewer: 250 (with 150, train.seed=1 gave r_mean
-# 0.685, with 250 0.720; its lane still ends before VQA's, so they cost no wall time); its exact evaluation grows with
+# 0.685, with 250 0.720, grey images 0.022 and 0.025; the 100 more steps make VE start after VQA's lane is
+# free and end alone on one core: 19.1 minutes against 17.0); its exact evaluation grows with
 # images x captions (100 test images x 500 captions: 60 s, against 9 s for the two-stage ranking,
 # which the demo reports: r_mean 0.741 against 0.737 exact).
 # The demo warm-starts its CNN on a second world (backbone_steps, the backbone step) and keeps it still
@@ -53,7 +54,7 @@ from soho_core import storage
 # training batches at 0.90: more steps only fit them). VQA is held by how few distinct questions an
 # image has, so the demo's world asks 16 per image (questions_per_image) and VQA trains 1,200 steps:
 # 0.853 against 0.829 with 8 per image and 0.795 after 600 steps (grey images 0.42-0.44; a rate of
-# 1e-3 instead of 3e-4: 0.660).
+# 1e-3 instead of 3e-4: 0.660, grey images 0.45).
 LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"num_images": 160, "image_size": 64, "min_objects": 1, "max_objects": 2, "questions_per_image": 4,
              "backbone_steps": 4,

@@ -102,15 +102,23 @@ def location(artifact: Any) -> str:
         raise ValueError(f"artifact {artifact.name!r} ({artifact.uri}) names no location in the store: {err}") from None
 
 
-def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int, min_objects: int = 2,
-                max_objects: int = 4, questions_per_image: int = 4) -> str:
+def dataset_uri(store_root: str, num_images: int, seed: int, image_size: int, min_objects: int | None = None,
+                max_objects: int | None = None, questions_per_image: int | None = None) -> str:
     """Where the synthetic world of these options lives: named by every option that is not the
-    generator's default, so two worlds never share a folder."""
+    generator's default (None: the default), so two worlds never share a folder."""
+    import inspect
+
+    from soho_core.data.synthetic import synthesize
+
+    default = {k: p.default for k, p in inspect.signature(synthesize).parameters.items()}
+    lo = default["min_objects"] if min_objects is None else min_objects
+    hi = default["max_objects"] if max_objects is None else max_objects
+    questions = default["questions_per_image"] if questions_per_image is None else questions_per_image
     name = f"synthetic-n{num_images}-s{seed}-px{image_size}"
-    if (min_objects, max_objects) != (2, 4):
-        name += f"-obj{min_objects}to{max_objects}"
-    if questions_per_image != 4:
-        name += f"-q{questions_per_image}"
+    if (lo, hi) != (default["min_objects"], default["max_objects"]):
+        name += f"-obj{lo}to{hi}"
+    if questions != default["questions_per_image"]:
+        name += f"-q{questions}"
     return storage.join(store_root, "datasets", name)
 
 
