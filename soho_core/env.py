@@ -19,6 +19,9 @@ WANDB_MODE = "WANDB_MODE"  # wandb's own: "offline", "online", "disabled"
 # --parallelism N): the CPU threads each of their fine-tunes and evaluations may use, so that
 # together they do not oversubscribe the machine's cores.
 TASK_THREADS = "SOHO_TASK_THREADS"
+# Set with it: a local folder where those processes register while they run, so that each one
+# takes its share of the cores among the live ones (soho_core.train.cpushare).
+CPU_SHARE = "SOHO_CPU_SHARE"
 # Fault tests only: "STEP:SECONDS" pauses halfway through writing step STEP's checkpoint, so a
 # test can kill the writer mid-write.
 FAULT_CHECKPOINT_PAUSE = "SOHO_FAULT_CHECKPOINT_PAUSE"
@@ -37,6 +40,7 @@ class RuntimeEnv:
     wandb_mode: str = ""
     fault_checkpoint_pause: tuple[int, float] | None = None
     task_threads: int = 0  # 0: as many as the process would use anyway
+    cpu_share: str = ""  # "": no sharing
 
 
 def runtime_env() -> RuntimeEnv:
@@ -53,6 +57,7 @@ def runtime_env() -> RuntimeEnv:
         wandb_mode=e.get(WANDB_MODE, ""),
         fault_checkpoint_pause=_step_and_seconds(e.get(FAULT_CHECKPOINT_PAUSE, "")),
         task_threads=_threads(e.get(TASK_THREADS, "")),
+        cpu_share=e.get(CPU_SHARE, ""),
     )
 
 

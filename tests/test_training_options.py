@@ -1,8 +1,12 @@
-"""Engine options: gradient accumulation, bf16 autocast on CPU, precision checks, S3 buckets."""
+"""Engine options: gradient accumulation, bf16 autocast on CPU, precision checks, S3 buckets, the
+cores shared among a local run's processes."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +73,51 @@ def test_torch_compile_trains(shard_root, tmp_path):
                    str(tmp_path))
     assert math.isfinite(result.last_metrics["loss"])
     assert load_checkpoint(str(tmp_path))["step"] == 2
+
+
+def test_cpu_share_gives_the_cores_to_the_processes_still_alive(tmp_path):
+    from soho_core.train.cpushare import CpuShare
+
+    before = torch.get_num_threads()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        CpuShare(str(tmp_path), cores=4, pid=other.pid)  # another process registered alongside
+        (tmp_path / "not-a-process").write_text("")  # ignored
+        me = CpuShare(str(tmp_path), cores=4, every_s=3600)
+        assert me.rebalance(force=True) == 2 and torch.get_num_threads() == 2
+        other.kill()
+        other.wait()
+        assert me.rebalance() == 2  # rebalanced at most every every_s ...
+        assert me.rebalance(force=True) == 4 and torch.get_num_threads() == 4  # ... then the last one gets all
+        assert not (tmp_path / str(other.pid)).exists()  # a dead process's file is removed
+        me.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-process"]
+    finally:
+        other.kill()
+        torch.set_num_threads(before)
+
+
+def test_training_and_evaluation_register_in_the_cpu_share_while_they_run(shard_root, tmp_path, monkeypatch):
+    from soho_core.env import CPU_SHARE
+    from soho_core.train import cpushare
+    from soho_core.train.engine import evaluate
+
+    folder = tmp_path / "share"
+    monkeypatch.setenv(CPU_SHARE, str(folder))
+    seen = []
+    real = cpushare.CpuShare.rebalance
+
+    def spy(self, force=False):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        return real(self, force)
+
+    monkeypatch.setattr(cpushare.CpuShare, "rebalance", spy)
+    before = torch.get_num_threads()
+    try:
+        train(get_task("pretrain"), _tiny("train.max_steps=2"), str(shard_root), str(tmp_path / "run"))
+        evaluate(get_task("pretrain"), str(tmp_path / "run"), str(shard_root), None, split="val")
+        assert torch.get_num_threads() == (os.cpu_count() or 1)  # alone: every core
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 3 and all(s == [str(os.getpid())] for s in seen), seen  # 2 steps + the evaluation
+    assert list(folder.iterdir()) == []  # each removed its file when it ended

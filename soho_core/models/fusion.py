@@ -84,7 +84,8 @@ class FusionEncoder(nn.Module):
 
         input_ids (T, L) long, attention_mask (T, L) (1 / True = real token), visual_tokens
         (T, N, d) already position-encoded and normalised, visual_mask (T, N) bool (True = valid).
-        Returns hidden states (T, L + N, d): text positions first, then visual positions.
+        Returns hidden states (T, L + N, d): text positions first, then visual positions; zero at
+        padding positions.
 
         rows (T, L + N) bool, optional: the positions whose output the caller reads (the [CLS]
         of each text, the masked words, ...). The last layer then runs only there, and the
@@ -104,36 +105,50 @@ class FusionEncoder(nn.Module):
         # Built here rather than through transformers' mask helpers, whose API moves between
         # releases; an additive mask means the same to the SDPA and the eager attention.
         bias = (~joint)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
-        if rows is None:
-            return self.bert.encoder(x, attention_mask=bias).last_hidden_state
+        # Every linear map of a layer (query, key, value, output, feed-forward) runs on the real
+        # tokens alone, packed as (tokens, d); only attention sees the padded (T, L + N) layout.
+        # Texts padded to the batch's longest leave a fifth of a VQA batch padding, more on
+        # official data (questions of 4 to 20 words; images of several shapes).
+        packing = Packing(joint)
+        xp = packing.pack(x)
         *first, last = self.bert.encoder.layer
-        for layer in first:
-            out = layer(x, bias)
-            x = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
-        return _layer_at_rows(last, x, bias, rows)
+        for layer in first if rows is not None else [*first, last]:
+            xp = _packed_layer(layer, xp, bias, packing)
+        if rows is None:
+            return packing.unpack(xp)  # padding positions are zero
+        return _layer_at_rows(last, xp, bias, rows, packing)
 
 
-def _layer_at_rows(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A BertLayer's output at the ``rows`` positions only, with the layer's own weights.
+class Packing:
+    """The real tokens of a (T, S) layout: ``pack`` (T, S, ...) -> (tokens, ...) in row-major order,
+    ``unpack`` back, with zeros at padding. With no padding both are reshapes."""
 
-    x (T, S, d) the layer's input, bias (T, 1, 1, S) additive key mask, rows (T, S) bool.
-    Keys and values come from every position; queries from the R selected ones, laid out as
-    (T, Q, d) with Q the most any text has (shorter texts padded; padding outputs dropped).
-    Returns (R, d) in row-major order of ``rows``.
-    """
-    att = layer.attention.self
-    t, s, d = x.shape
+    def __init__(self, real: torch.Tensor):
+        self.real, (self.t, self.s) = real, real.shape
+        self.index = None if bool(real.all()) else real.reshape(-1).nonzero().squeeze(1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(self.t * self.s, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, xp: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return xp.reshape(self.t, self.s, *xp.shape[1:])
+        out = xp.new_zeros(self.t * self.s, *xp.shape[1:]).index_copy(0, self.index, xp)
+        return out.view(self.t, self.s, *xp.shape[1:])
+
+
+def _projection(att: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """Several of a BertSelfAttention's linear maps in one matrix product: (..., len(names) * d)."""
+    maps = [getattr(att, n) for n in names]
+    return F.linear(x, torch.cat([m.weight for m in maps]), torch.cat([m.bias for m in maps]))
+
+
+def _attend(att: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            bias: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of (T, Q, d) queries over (T, S, d) keys and values -> (T, Q, d)."""
+    t, d = query.shape[0], query.shape[-1]
     heads, head_dim = att.num_attention_heads, att.attention_head_size
-    rows = rows.bool()
-    counts = rows.sum(1)
-    q_len = int(counts.max()) if t else 0
-    # slot (T, Q): True where the padded query layout holds a real row. Filling it row-major
-    # follows the order of x[rows], since each text's selected positions are in ascending order.
-    slot = torch.arange(q_len, device=x.device)[None, :] < counts[:, None]
-    xq = x[rows]  # (R, d)
-    q = att.query(xq)
-    query = q.new_zeros(t, q_len, d).masked_scatter(slot[..., None], q)
-    key, value = att.key(x), att.value(x)
 
     def split(z: torch.Tensor) -> torch.Tensor:  # (T, len, d) -> (T, heads, len, head_dim)
         return z.view(t, z.shape[1], heads, head_dim).transpose(1, 2)
@@ -141,6 +156,43 @@ def _layer_at_rows(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor, rows: 
     context = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=bias,
                                              dropout_p=att.dropout.p if att.training else 0.0,
                                              scale=head_dim ** -0.5)
-    context = context.transpose(1, 2).reshape(t, q_len, d)[slot]  # (R, d)
-    hidden = layer.attention.output(context, xq)  # output projection, dropout, residual, LayerNorm
+    return context.transpose(1, 2).reshape(t, query.shape[1], d)
+
+
+def _packed_layer(layer: nn.Module, xp: torch.Tensor, bias: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """A BertLayer on packed tokens (tokens, d) with its own weights: what it computes at the real
+    positions of the padded layout (BERT's maps act on each token alone; the key mask hides padding)."""
+    att = layer.attention.self
+    qkv = packing.unpack(_projection(att, ("query", "key", "value"), xp))
+    query, key, value = qkv.chunk(3, dim=-1)
+    context = packing.pack(_attend(att, query, key, value, bias))
+    hidden = layer.attention.output(context, xp)  # output projection, dropout, residual, LayerNorm
     return layer.output(layer.intermediate(hidden), hidden)  # feed-forward, dropout, residual, LayerNorm
+
+
+def _layer_at_rows(layer: nn.Module, xp: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor,
+                   packing: Packing) -> torch.Tensor:
+    """A BertLayer's output at the ``rows`` positions only, with the layer's own weights.
+
+    xp (tokens, d) the layer's packed input, bias (T, 1, 1, S) additive key mask, rows (T, S) bool.
+    Keys and values come from every real position; queries from the R selected ones, laid out as
+    (T, Q, d) with Q the most any text has (shorter texts padded; padding outputs dropped).
+    Returns (R, d) in row-major order of ``rows``.
+    """
+    att = layer.attention.self
+    t, d = packing.t, xp.shape[-1]
+    rows = rows.bool()
+    counts = rows.sum(1)
+    q_len = int(counts.max()) if t else 0
+    # slot (T, Q): True where the padded query layout holds a real row. Filling it row-major
+    # follows the order of x[rows], since each text's selected positions are in ascending order.
+    slot = torch.arange(q_len, device=xp.device)[None, :] < counts[:, None]
+    xq = packing.unpack(xp)[rows]  # (R, d)
+    q = att.query(xq)  # under autocast, of the autocast type
+    query = q.new_zeros(t, q_len, d).masked_scatter(slot[..., None], q)
+    key, value = packing.unpack(_projection(att, ("key", "value"), xp)).chunk(2, dim=-1)
+    context = _attend(att, query, key, value, bias)[slot]  # (R, d)
+    hidden = layer.attention.output(context, xq)  # output projection, dropout, residual, LayerNorm
+    out = layer.output(layer.intermediate(hidden), hidden)  # feed-forward, dropout, residual, LayerNorm
+    # A padding position's output is zero, as in the full output (none of the heads reads one).
+    return out if packing.index is None else out * packing.real[rows].unsqueeze(1).to(out.dtype)

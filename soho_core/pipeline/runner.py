@@ -234,13 +234,13 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
               parallelism: int = 2) -> LocalRun:
     """Run the whole DAG on this machine with kfp.local; the store is ``work_dir/store`` and
     KFP's artifacts go to ``work_dir/kfp``. ``parallelism`` downstream tasks (1 or 2) train at a
-    time, each on its share of the cores: two fine-tunes of the demo on one thread each got through
-    1.38x as much work as one after the other on two (a small model leaves a second thread idle
-    much of the time). A failed step is retried as on a cluster, but at once (no node to wait for).
+    time, each on its share of the cores (one of two), and the last one running on all of them
+    (``SOHO_CPU_SHARE``: :mod:`soho_core.train.cpushare`): two demo VQA fine-tunes on one thread each
+    trained at 50 and 46 images/s, one alone on two threads at 86. A failed step is retried as on a cluster, but at once (no node to wait for).
     Raises when the run fails, after the exit handler has recorded its final state."""
     import kfp.local
 
-    from soho_core.env import TASK_THREADS
+    from soho_core.env import CPU_SHARE, TASK_THREADS
     from soho_core.pipeline.steps import status_uri
 
     if parallelism not in LOCAL_PARALLELISM:
@@ -259,18 +259,20 @@ def run_local(work_dir: str, preset: str = "demo", overrides: Sequence[str] = ()
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         # Resources, retries' pod settings and Secrets are the cluster's; kfp.local says so per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        threads = os.environ.get(TASK_THREADS)
+        kept = {name: os.environ.get(name) for name in (TASK_THREADS, CPU_SHARE)}
         if parallelism > 1:
+            # Each task starts on its share of the cores and takes more when the others end.
             os.environ[TASK_THREADS] = str(max(1, (os.cpu_count() or 1) // parallelism))
+            os.environ[CPU_SHARE] = os.path.join(work_dir, "cpu-share")
         try:
             with process_globals_kept():
                 _pipeline_func(parallelism, retry_backoff="0s")(**args)
         finally:
-            if parallelism > 1:
-                if threads is None:
-                    os.environ.pop(TASK_THREADS, None)
+            for name, value in kept.items():
+                if value is None:
+                    os.environ.pop(name, None)
                 else:
-                    os.environ[TASK_THREADS] = threads
+                    os.environ[name] = value
     (run_id,) = _finished_runs(args["store_root"]) - finished
     report_uri = storage.read_json(status_uri(args["store_root"], run_id))["report"]
     summary = storage.read_json(storage.join(report_uri.rsplit("/", 1)[0], "summary.json"))

@@ -32,6 +32,7 @@ from soho_core.data.tokenizer import build_tokenizer
 from soho_core.tasks.base import Task, TaskModel
 from soho_core.env import runtime_env
 from soho_core.models.backbone import FeatureCache, cnn_digest, load_backbone_weights
+from soho_core.train.cpushare import CpuShare
 from soho_core.train.checkpoint import clean_unpublished, latest_checkpoint, load_checkpoint, save_checkpoint
 from soho_core.train.distributed import all_reduce_sum, barrier, init_distributed
 from soho_core.train.optim import build_optimizers, build_schedulers
@@ -225,8 +226,11 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
     loader = batches = None
     t_window = time.perf_counter()
     model.train()
+    share = CpuShare.from_env()  # a local run's cores, shared with the tasks training alongside
     try:
         for step in range(start, max_steps):
+            if share is not None:
+                share.rebalance()
             if batches is None or step % tc.ckpt_every == 0:
                 # A fresh stream at the start and after every checkpoint (see data_seed).
                 del loader, batches
@@ -304,6 +308,8 @@ def train(task: Task, cfg: SohoConfig, data_uri: str, out_uri: str, init: str | 
                             pause_s=pause[1] if pause and pause[0] == step + 1 else 0.0)
     finally:
         wandb_run.finish()
+        if share is not None:
+            share.close()
     if cache_uri and info.is_main:
         cache.save(cache_uri)
     return TrainResult(model=model, last_metrics=last, out=out_uri)
@@ -386,7 +392,8 @@ def evaluate(task: Task, checkpoint: str, data_uri: str, out_file: str | None, s
         # so its features may come from, and go to, the run's feature cache.
         model.trunk.backbone.freeze()
         cache, cache_uri = _feature_cache(model, cfg, info.device, "fp32", info.is_main)  # evaluation runs in fp32
-    result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
+    with CpuShare.from_env() or contextlib.nullcontext():  # counted among a local run's processes
+        result = task.evaluate(model, data_uri, split, cfg, tokenizer, info.device)
     if cache_uri and info.is_main:
         cache.save(cache_uri)
     report = {"task": task.name, "split": split, "num_examples": result.num_examples, "metrics": result.metrics,
