@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     times = interleaved({"padded": step(padded), "packed": step(packed)}, args.iters, args.warmup)
     say(f"  forward + backward: padded {times['padded'] * 1e3:.1f} ms, packed {times['packed'] * 1e3:.1f} ms "
         f"({times['padded'] / times['packed']:.2f}x); outputs differ by at most {diff:.1e}")
-    emit({**facts, "preset": args.preset, "texts": t, "text_min": args.text_min, "text_max": args.text_max,
+    emit({"benchmark": "fusion_packing", **facts, "preset": args.preset, "texts": t, "text_min": args.text_min, "text_max": args.text_max,
           "visual": args.visual, "real_token_share": round(share, 3),
           "step_s_padded": round(times["padded"], 5), "step_s_packed": round(times["packed"], 5),
           "packing_speedup": round(times["padded"] / times["packed"], 3), "max_abs_diff": diff}, args.json_out)
