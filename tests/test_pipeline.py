@@ -395,6 +395,12 @@ def test_local_arguments_fail_before_work(tmp_path):
         runner.local_arguments("tiny", str(tmp_path), ["optim.lrr=1"])
 
 
+def test_a_local_run_starts_the_longest_fine_tunes_first(tmp_path):
+    assert runner.local_arguments("demo", str(tmp_path))["tasks"] == ["vqa", "nlvr2", "ve", "retrieval"]
+    chosen = runner.local_arguments("demo", str(tmp_path), tasks=["retrieval", "ve", "vqa", "ve"])["tasks"]
+    assert chosen == ["vqa", "ve", "retrieval"]
+
+
 class FakeKfpClient:
     def __init__(self):
         self.calls = []
