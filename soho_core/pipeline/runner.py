@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from soho_core import storage
 
 # What a local run uses for each preset: the synthetic world's size and the training budget.
-# demo: the whole DAG in about 19 minutes on 2 CPU cores (issue 14's target is 12). Retrieval's steps cost
+# demo: the whole DAG in about 15 minutes on 2 CPU cores (issue 14's target is 12). Retrieval's steps cost
 # about 3x a VQA step (hard negatives), so it gets fewer: 250 (with 150, train.seed=1 gave r_mean
 # 0.685, with 250 0.720, grey images 0.022 and 0.025; the 100 more steps make VE start after VQA's lane is
 # free and end alone on one core: 19.1 minutes against 17.0); its exact evaluation grows with
