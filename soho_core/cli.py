@@ -136,7 +136,8 @@ def _add_pipeline_args(sub) -> None:
     r.add_argument("--tasks", help=f"comma-separated downstream tasks (default: all: {','.join(DOWNSTREAM)})")
     r.add_argument("--procs", type=int, default=1, help="torchrun processes for pre-training")
     r.add_argument("--parallelism", type=int, default=2, choices=(1, 2),
-                   help="downstream tasks trained at a time, each on its share of the cores (default 2)")
+                   help="downstream tasks trained at a time, the longest first, each on its share of the cores "
+                        "among those still running (default 2)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every training, after the local defaults (repeatable)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",

@@ -116,6 +116,48 @@ def test_vectorised_class_nms_matches_batched_nms():
                          bench.best_surviving_score_reference(boxes, probs, iou), rtol=0, atol=0)
 
 
+def test_packed_fusion_equals_transformers_encoder_over_the_padded_layout():
+    """The fusion runs its linear maps on the real tokens only: at every real position its output,
+    and every gradient, are those of transformers' BertEncoder over the padded layout (what it ran
+    before); padding positions are zero, also where ``rows`` selects one."""
+    from soho_core.config import tiny
+    from soho_core.models import SohoModel
+    from soho_core.models.fusion import VISUAL_TYPE
+
+    torch.manual_seed(0)
+    model = SohoModel(tiny().model, vocab_size=100).eval()
+    fusion = model.fusion
+    t, length, n, d = 6, 10, 8, model.dim
+    ids = torch.randint(5, 100, (t, length))
+    text_mask = torch.ones(t, length, dtype=torch.long)
+    for i, real in enumerate([10, 3, 7, 10, 5, 1]):
+        text_mask[i, real:] = 0
+    visual = torch.randn(t, n, d, requires_grad=True)
+    visual_mask = torch.ones(t, n, dtype=torch.bool)
+    visual_mask[2, 5:] = visual_mask[4, 1:] = False
+    real = torch.cat([text_mask.bool(), visual_mask], 1)
+
+    emb = fusion.bert.embeddings
+    x = torch.cat([emb(input_ids=ids), visual + emb.token_type_embeddings.weight[VISUAL_TYPE]], 1)
+    bias = (~real)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    reference = fusion.bert.encoder(x, attention_mask=bias).last_hidden_state[real]
+    out = fusion(ids, text_mask, visual, visual_mask)
+    assert_close(out[real], reference, rtol=1e-5, atol=1e-5)
+    assert out[~real].abs().max() == 0
+    params = [visual, *fusion.parameters()]
+    g_ref = torch.autograd.grad(reference.pow(2).sum(), params, allow_unused=True)
+    g_out = torch.autograd.grad(out[real].pow(2).sum(), params, allow_unused=True)
+    for a, b in zip(g_ref, g_out):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+    rows = real.clone()
+    rows[1, length - 1] = True  # a padding position: its output is zero, as in the full output
+    part = fusion(ids, text_mask, visual, visual_mask, rows=rows)
+    assert_close(part, fusion(ids, text_mask, visual, visual_mask)[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_fusion_last_layer_at_rows_equals_full_output():
     """FusionEncoder(rows=...) (the last layer only where a head reads) == full output [rows],
     values and gradients."""

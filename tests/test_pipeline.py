@@ -396,6 +396,9 @@ def test_local_arguments_fail_before_work(tmp_path):
 
 
 def test_a_local_run_starts_the_longest_fine_tunes_first(tmp_path):
+    from soho_core.tasks.catalog import DOWNSTREAM
+
+    assert sorted(runner.LOCAL_TASK_ORDER) == sorted(DOWNSTREAM)  # every task has its place
     assert runner.local_arguments("demo", str(tmp_path))["tasks"] == ["vqa", "nlvr2", "ve", "retrieval"]
     chosen = runner.local_arguments("demo", str(tmp_path), tasks=["retrieval", "ve", "vqa", "ve"])["tasks"]
     assert chosen == ["vqa", "ve", "retrieval"]

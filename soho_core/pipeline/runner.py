@@ -200,9 +200,16 @@ class LocalRun:
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
+# The order a local run starts its fine-tunes in: the longest first (demo, minutes on one core each at
+# 5600464: VQA 6.4, NLVR2 4.4, VE 2.4, retrieval 1.5). In the pipeline's own order (vqa, nlvr2,
+# retrieval, ve) VE came last and ran alone for its last 2 minutes.
+LOCAL_TASK_ORDER = ("vqa", "nlvr2", "ve", "retrieval")
+
+
 def local_arguments(preset: str, store_root: str, overrides: Sequence[str] = (),
                     tasks: Sequence[str] | None = None, procs: int = 1) -> dict[str, Any]:
-    """The pipeline arguments of a local run: the preset's :data:`LOCAL_DEFAULTS`, then ``overrides``."""
+    """The pipeline arguments of a local run: the preset's :data:`LOCAL_DEFAULTS`, then ``overrides``;
+    ``tasks`` (default: all) once each, in :data:`LOCAL_TASK_ORDER`."""
     from soho_core.config import PRESETS, load_config
 
     if preset not in PRESETS:
@@ -221,17 +228,10 @@ def local_arguments(preset: str, store_root: str, overrides: Sequence[str] = (),
     for t in tasks or ():
         if t not in DOWNSTREAM:
             raise ValueError(f"unknown task {t!r}; valid: {', '.join(DOWNSTREAM)}")
-    # The longest fine-tunes first: with two at a time, the short ones fill in at the end, where
-    # the last one running has both cores (the order is all a local run changes; each task is the same).
-    order = {t: i for i, t in enumerate(LOCAL_TASK_ORDER)}
-    args["tasks"] = sorted(dict.fromkeys(tasks or DOWNSTREAM), key=lambda t: order.get(t, len(order)))
+    # With two at a time the short ones fill in at the end, where the last one running has both cores.
+    args["tasks"] = sorted(dict.fromkeys(tasks or DOWNSTREAM), key=LOCAL_TASK_ORDER.index)
     return args
 
-
-# demo, from the fine-tunes' minutes on one core each (make demo at 5600464): VQA 6.4, NLVR2 4.4,
-# VE 2.4, retrieval 1.5. In the pipeline's own order (vqa, nlvr2, retrieval, ve) VE came last and
-# ran alone for its last 2 minutes.
-LOCAL_TASK_ORDER = ("vqa", "nlvr2", "ve", "retrieval")
 
 
 LOCAL_PARALLELISM = (1, 2)  # kfp.local runs at most 2 iterations of a ParallelFor at once
